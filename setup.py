@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_sapo",
+    version="0.1.0",
+    description="SAPO reinforcement learning for Mixture-of-Experts LLMs on Megatron-Core, with SGLang rollouts",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_sapo", "megatron_sapo.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.15,<0.17",
+        # megatron-core's async checkpoint writer imports psutil without declaring it; without it the
+        # writer child dies and dist_checkpointing.save waits forever.
+        "psutil",
+        "transformers>=4.51",
+        "safetensors",
+        "sentencepiece",
+        "omegaconf>=2.3",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        # GPU clusters only: sglang pins its own torch/CUDA stack. Transformer Engine and NVIDIA apex come
+        # from the NGC PyTorch container or from source; PyPI's "apex" is an unrelated project.
+        "sglang": ["sglang[srt]"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["megatron-sapo=megatron_sapo.cli:main"]},
+)
