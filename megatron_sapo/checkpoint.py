@@ -1,0 +1,123 @@
+"""Megatron distributed checkpoints (torch_dist format), written atomically.
+
+A checkpoint is written into ``<dir>.tmp`` and renamed to ``<dir>`` only after every rank has finished, so a
+run killed while saving never leaves a half-written ``<dir>``: either the old one or the new one is there.
+
+megatron-core's writer forks worker processes and waits on a queue for them; a worker that dies (it imports
+``psutil``, for one) would leave the parent waiting forever. :func:`save_sharded` therefore runs the save under
+a watchdog that turns a dead writer process or an overdue save into an error.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+
+import torch.distributed as dist
+
+from megatron_sapo.errors import InputError
+
+METADATA_FILE = "metadata.json"  # written last by megatron's dist_checkpointing.save
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class _SaveWatchdog:
+    """Kills the process with a clear message if a checkpoint writer child dies or the save overruns."""
+
+    def __init__(self, what: str, timeout_s: float):
+        self.what, self.timeout_s = what, timeout_s
+        self.done = threading.Event()
+
+    def _failed_children(self):
+        # megatron's FileSystemWriterAsync keeps its workers only in a local list; the multiprocessing
+        # registry of this process's children is the one place their exit codes can be read.
+        children = list(multiprocessing.process._children)  # noqa: SLF001
+        return [p for p in children if p.exitcode not in (None, 0)]
+
+    def _watch(self):
+        deadline = time.monotonic() + self.timeout_s
+        while not self.done.wait(0.5):
+            failed = self._failed_children()
+            if failed or time.monotonic() > deadline:
+                reason = (
+                    f"a checkpoint writer process exited with code {failed[0].exitcode}"
+                    if failed
+                    else f"it did not finish within {self.timeout_s:.0f}s"
+                )
+                sys.stderr.write(f"error: saving {self.what} failed: {reason}; the previous checkpoint is intact\n")
+                faulthandler.dump_traceback(sys.stderr)
+                sys.stderr.flush()
+                os._exit(1)
+
+    def __enter__(self):
+        threading.Thread(target=self._watch, daemon=True, name="checkpoint-save-watchdog").start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        return False
+
+
+def save_sharded(
+    sharded_state_dict: dict, ckpt_dir: str, *, extra_files: dict[str, str] | None = None, timeout_s: float = 3600.0
+) -> None:
+    """Collective: save a Megatron sharded state dict to ``ckpt_dir`` atomically (an existing one is replaced).
+
+    ``extra_files`` (name → text) are written by rank 0 into the checkpoint folder before it is published.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    tmp_dir = ckpt_dir + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+    _barrier()
+    with _SaveWatchdog(ckpt_dir, timeout_s):
+        dist_checkpointing.save(sharded_state_dict, tmp_dir)
+    _barrier()
+    if _rank() == 0:
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp_dir, name), "w") as f:
+                f.write(text)
+        replace_dir(tmp_dir, ckpt_dir)
+    _barrier()
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Put ``src`` at ``dst``; an existing ``dst`` survives until the new one is in place."""
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dst):
+        os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete_checkpoint(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, METADATA_FILE))
+
+
+def load_sharded(sharded_state_dict: dict, ckpt_dir: str, *, field: str = "checkpoint") -> dict:
+    """Collective: load ``ckpt_dir`` into the shapes/shardings described by ``sharded_state_dict``."""
+    from megatron.core import dist_checkpointing
+
+    if not is_complete_checkpoint(ckpt_dir):
+        raise InputError(
+            f"{field}: {ckpt_dir} is not a complete Megatron distributed checkpoint (no {METADATA_FILE}); "
+            "point it at a folder written by tools/convert_hf_to_mcore.py or by the trainer"
+        )
+    return dist_checkpointing.load(sharded_state_dict, ckpt_dir)

@@ -1,0 +1,156 @@
+"""The CPU device layer: makes megatron-core 0.16 run on CPU with the gloo backend.
+
+megatron-core assumes CUDA in a number of places that are about *where* tensors live, not about what is
+computed: it allocates on ``torch.cuda.current_device()`` or ``device="cuda"``, calls ``.cuda()``, checks
+``param.type() == "torch.cuda.FloatTensor"``, synchronises and records CUDA streams/events, and saves/restores
+the CUDA RNG state. On a machine without CUDA all of these fail, although the math is plain torch.
+
+:func:`enable_cpu_device_layer` is the only place in megatron_sapo that patches another library. It does
+nothing when CUDA is available. Otherwise it
+
+1. enters a process-wide ``TorchFunctionMode`` that maps CUDA devices to the CPU in every torch call
+   (factory ``device=`` arguments, ``Tensor.to``/``.cuda()``) and reports CPU tensors with their CUDA type
+   name to ``Tensor.type()``, and
+2. replaces a handful of ``torch.cuda`` functions and megatron helpers with CPU equivalents; each one below
+   names the megatron-core code that needs it.
+
+Numerics are unchanged: every kernel that runs is torch's CPU kernel. Call it before building any megatron
+object (``megatron_sapo.parallel.initialize`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_mode: TorchFunctionMode | None = None
+_CPU = torch.device("cpu")
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Runs every torch call as if ``cuda`` meant ``cpu``.
+
+    A mode is popped while its handler runs, so code that runs *inside* a handled call (the autograd engine
+    under ``Tensor.backward``) does not see it; that is why ``current_device()`` itself returns the CPU.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            # tensor_parallel/layers.py, distributed/param_and_grad_buffer.py: `.cuda()` after CPU init.
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # optimizer/__init__.py and optimizer/distrib_optimizer.py accept only
+            # 'torch.cuda.{Float,Half,BFloat16}Tensor' parameters.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if func is torch.Tensor.record_stream:
+            # transformer/moe/token_dispatcher.py ties device-to-host copies to its side stream.
+            return None
+        if func is torch.Tensor.pin_memory:
+            # Pinned memory needs a CUDA build; on CPU an ordinary tensor is the same memory.
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _Stream:
+    """Stand-in for ``torch.cuda.Stream``/``Event``: everything on CPU is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        # wait_stream, record_event, synchronize, ...: no-ops; record_event's result is waited on later.
+        return lambda *args, **kwargs: _Stream()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def enable_cpu_device_layer() -> bool:
+    """Install the layer once per process when CUDA is absent. Returns whether it is active."""
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    if _mode is not None:
+        return True
+
+    # tensor_parallel/layers.py (also in the backward of its linear functions, which runs outside any
+    # TorchFunctionMode), models/common/embeddings, distributed/*: `device=torch.cuda.current_device()`.
+    torch.cuda.current_device = lambda: _CPU
+    # dist_checkpointing save, optimizer, timers: torch.cuda.synchronize() around collectives.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # transformer/moe/token_dispatcher.py, distributed/param_and_grad_buffer.py, pipeline_parallel/*:
+    # side streams and events for overlapping communication.
+    torch.cuda.Stream = _Stream
+    torch.cuda.Event = _Stream
+    torch.cuda.current_stream = lambda *args, **kwargs: _Stream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _Stream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.empty_cache = lambda: None
+    # tensor_parallel/random.py: the CUDA RNG tracker (dropout, parameter init) and activation recompute save
+    # and restore "the device generator"; on CPU that is torch's default CPU generator.
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed, *args, **kwargs: torch.manual_seed(seed)
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, clone=False, **kwargs: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    # transformer/moe/moe_utils.py: RouterGatingLinearFunction tests `te_general_gemm is not None`, but the
+    # name is only bound when Transformer Engine imported; without TE that test is a NameError.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # transformer/moe/token_dispatcher.py: the all-to-all split sizes become host numpy arrays only when
+    # they were CUDA tensors (`maybe_move_tensor_to_cpu` tests `is_cuda`); all_to_all_single needs host sizes.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+    return True
+
+
+def cpu_device_layer_active() -> bool:
+    return _mode is not None
+
+
+@functools.cache
+def device() -> torch.device:
+    """The device megatron-core computes on in this process."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
