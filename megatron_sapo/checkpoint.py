@@ -120,4 +120,35 @@ def load_sharded(sharded_state_dict: dict, ckpt_dir: str, *, field: str = "check
             f"{field}: {ckpt_dir} is not a complete Megatron distributed checkpoint (no {METADATA_FILE}); "
             "point it at a folder written by tools/convert_hf_to_mcore.py or by the trainer"
         )
+    check_tensor_shapes(sharded_state_dict, ckpt_dir, field=field)
     return dist_checkpointing.load(sharded_state_dict, ckpt_dir)
+
+
+def checkpoint_dtype(ckpt_dir: str):
+    """The dtype the checkpoint's tensors were saved in (of its first tensor)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    return next(iter(metadata.values())).dtype
+
+
+def check_tensor_shapes(sharded_state_dict: dict, ckpt_dir: str, *, field: str = "checkpoint") -> None:
+    """One clear line for a tensor the checkpoint lacks or holds with another global shape."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    for expected in nested_values(sharded_state_dict):
+        if not isinstance(expected, ShardedTensor):
+            continue
+        if expected.key not in stored:
+            raise InputError(
+                f"{field}: {ckpt_dir} has no tensor {expected.key}; it was written for a different model"
+            )
+        shape = tuple(stored[expected.key].global_shape)
+        if shape != tuple(expected.global_shape):
+            raise InputError(
+                f"{field}: tensor {expected.key} in {ckpt_dir} has shape {list(shape)}, the model expects "
+                f"{list(expected.global_shape)}; the checkpoint was written for a different model config"
+            )

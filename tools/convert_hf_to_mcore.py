@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     reader = HFCheckpointReader(args.hf_dir)
     reader.validate(arch)
     layout = ParallelLayout(args.tp, args.pp, 1, args.ep, args.etp)
-    validate_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), arch)
+    validate_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), arch, training=False)
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise InputError(f"--out: {args.out} exists and is not empty; pass --overwrite or choose another folder")
     dtype = checkpoint_dtype(reader) if args.dtype == "auto" else DTYPES[args.dtype]
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     from megatron_sapo.models.qwen3_moe import ModelOptions, build_model
     from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
 
-    initialize_model_parallel(layout, arch=arch)
-    chunks = build_model(arch, layout, ModelOptions(params_dtype=dtype, init_weights=False))
+    initialize_model_parallel(layout, arch=arch, training=False)
+    chunks = build_model(arch, layout, ModelOptions(params_dtype=dtype))
     load_hf_weights(chunks, reader, arch)
     with open(os.path.join(args.hf_dir, "config.json")) as f:
         hf_config = f.read()

@@ -132,7 +132,6 @@ class ModelOptions:
     recompute_granularity: str | None = None  # None | "selective" | "full"
     recompute_num_layers: int | None = None
     use_transformer_engine: bool | None = None  # None: use TE when importable on CUDA
-    init_weights: bool = True  # False when a checkpoint overwrites every weight anyway (conversion, resume)
 
 
 def transformer_engine_usable() -> bool:
@@ -187,8 +186,10 @@ def transformer_config(arch: Qwen3MoeArch, options: ModelOptions = ModelOptions(
         variable_seq_lengths=True,
         # CPU initialisation draws each full weight from one generator and then slices it, so a random init is
         # the same model under every layout; on GPU the weights are initialised in place.
+        # (perform_initialization stays on even when a checkpoint overwrites the weights: megatron-core 0.16
+        # marks tensor-parallel weights as such only inside its initialisers, and without those marks the
+        # gradient norm counts TP shards as duplicates.)
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=options.init_weights,
         **parallel,
     )
     if moe:
@@ -306,3 +307,23 @@ def build_model(arch: Qwen3MoeArch, layout, options: ModelOptions = ModelOptions
         use_transformer_engine=options.use_transformer_engine,
     )
     return [model]
+
+
+def count_parameters(chunks: list, arch: Qwen3MoeArch) -> tuple[int, int]:
+    """(total, active per token) parameters of this rank's chunks; active counts top-k of the routed experts.
+
+    Vocab padding rows are not counted, so that a single-rank count is the HF model's.
+    """
+    from megatron_sapo.convert.mapping import match_megatron_name
+
+    total = expert = padding = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            total += param.numel()
+            rule = match_megatron_name(name).rule
+            if rule.is_expert:
+                expert += param.numel()
+            elif rule.kind == "vocab":
+                padding += (arch.padded_vocab_size - arch.vocab_size) * param.shape[-1]
+    active = total - expert + expert * arch.num_experts_per_tok // arch.num_experts
+    return total - padding, active - padding

@@ -59,11 +59,14 @@ class ParallelLayout:
         )
 
 
-def validate_layout(layout: ParallelLayout, world_size: int, arch=None, *, prefix: str = "", te: bool = False):
+def validate_layout(
+    layout: ParallelLayout, world_size: int, arch=None, *, prefix: str = "", te: bool = False, training: bool = True
+):
     """Raise :class:`InputError` for the first rule ``layout`` breaks.
 
     ``arch`` (a ``Qwen3MoeArch``) adds the model-shape rules; ``prefix`` is prepended to setting names so that
-    messages name the key the user typed (``actor.megatron.`` in the trainer, ``--`` in the CLIs).
+    messages name the key the user typed (``actor.megatron.`` in the trainer). ``training=False`` (conversion,
+    inference) skips the rules that only gradients depend on.
     """
 
     def fail(message: str):
@@ -125,6 +128,14 @@ def validate_layout(layout: ParallelLayout, world_size: int, arch=None, *, prefi
             fail(
                 f"{name('expert_tensor_parallel_size')}={etp} does not divide moe_intermediate_size="
                 f"{arch.moe_intermediate_size}; use an ETP that divides it"
+            )
+        if training and ep == 1 and etp < tp:
+            # With EP=1 megatron-core 0.16 marks expert weights as ordinary data-parallel weights, so the
+            # gradients of expert replicas on different TP ranks (ETP < TP) are never summed.
+            fail(
+                f"{name('expert_tensor_parallel_size')}={etp} < {name('tensor_model_parallel_size')}={tp} with "
+                f"{name('expert_model_parallel_size')}=1 trains wrong expert gradients in megatron-core; set "
+                f"{name('expert_tensor_parallel_size')}={tp} or use expert parallelism (EP > 1)"
             )
     elif ep > 1 or etp > 1:
         fail(f"{name('expert_model_parallel_size')}={ep}: the model has no MoE layers; set EP and ETP to 1")

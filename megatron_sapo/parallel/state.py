@@ -30,13 +30,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     )
 
 
-def initialize_model_parallel(layout: ParallelLayout, *, seed: int = 1234, arch=None, te: bool = False) -> None:
+def initialize_model_parallel(
+    layout: ParallelLayout, *, seed: int = 1234, arch=None, te: bool = False, training: bool = True
+) -> None:
     """Validate ``layout`` for this world (and ``arch``), then build Megatron's process groups and RNG states."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     init_distributed()
-    validate_layout(layout, dist.get_world_size(), arch, te=te)
+    validate_layout(layout, dist.get_world_size(), arch, te=te, training=training)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**layout.megatron_kwargs())
