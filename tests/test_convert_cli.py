@@ -1,0 +1,122 @@
+"""The conversion CLIs: bad input gets one clear error line, exit status 2, and nothing at --out."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF_TO_MCORE = os.path.join(ROOT, "tools", "convert_hf_to_mcore.py")
+
+
+def run(*args, timeout=300):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def hf_copy(tiny_hf_dir, tmp_path):
+    path = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, path)
+    return path
+
+
+def edit_weights(hf_dir, edit):
+    weights = load_file(hf_dir / "model.safetensors")
+    edit(weights)
+    save_file(weights, hf_dir / "model.safetensors")
+
+
+def edit_config(hf_dir, **changes):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(changes)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+CASES = {
+    "unknown_architecture": (
+        lambda d: edit_config(d, architectures=["LlamaForCausalLM"], model_type="llama"),
+        [],
+        "is not supported; megatron_sapo converts Qwen3MoeForCausalLM",
+    ),
+    "missing_tensor": (
+        lambda d: edit_weights(d, lambda w: w.pop("model.layers.2.mlp.experts.3.up_proj.weight")),
+        [],
+        "missing tensor model.layers.2.mlp.experts.3.up_proj.weight",
+    ),
+    "extra_tensor": (
+        lambda d: edit_weights(d, lambda w: w.update({"model.layers.9.mlp.gate.weight": torch.zeros(4, 64)})),
+        [],
+        "unexpected tensor model.layers.9.mlp.gate.weight",
+    ),
+    "misshaped_tensor": (
+        lambda d: edit_weights(d, lambda w: w.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(40, 64)})),
+        [],
+        "tensor model.layers.1.self_attn.k_proj.weight has shape [40, 64], config.json implies [48, 64]",
+    ),
+    "unreadable_weights": (
+        lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+        [],
+        "unreadable safetensors file",
+    ),
+    "unreadable_config": (lambda d: (d / "config.json").write_text("{not json"), [], "config.json: unreadable"),
+    "no_checkpoint": (lambda d: (d / "model.safetensors").unlink(), [], "no model.safetensors"),
+    "invalid_layout": (lambda d: None, ["--tp", "3"], "= 3 does not divide the world size 1"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_leaves_nothing(hf_copy, tmp_path, case):
+    corrupt, extra_args, needle = CASES[case]
+    corrupt(hf_copy)
+    out = tmp_path / "mcore"
+    proc = run(HF_TO_MCORE, "--hf-dir", str(hf_copy), "--out", str(out), *extra_args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "mcore.tmp").exists()
+
+
+def test_existing_output_is_never_overwritten_without_flag(tiny_hf_dir, tmp_path):
+    out = tmp_path / "mcore"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = run(HF_TO_MCORE, "--hf-dir", tiny_hf_dir, "--out", str(out))
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_killed_conversion_leaves_no_partial_checkpoint(tiny_hf_dir, tmp_path):
+    out = tmp_path / "mcore"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, HF_TO_MCORE, "--hf-dir", tiny_hf_dir, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "mcore.tmp").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed mid-save"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+
+def test_round_trip_cli_is_bit_exact(tiny_hf_dir, tmp_path):
+    mcore, hf_out = tmp_path / "mcore", tmp_path / "hf_out"
+    first = run(HF_TO_MCORE, "--hf-dir", tiny_hf_dir, "--out", str(mcore), "--verify")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "OK" in first.stdout
+    second = run(os.path.join(ROOT, "tools", "convert_mcore_to_hf.py"), "--mcore-dir", str(mcore),
+                 "--hf-template", tiny_hf_dir, "--out", str(hf_out))  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    original, exported = load_file(f"{tiny_hf_dir}/model.safetensors"), load_file(hf_out / "model.safetensors")
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    assert {"config.json", "tokenizer.model", "generation_config.json"} <= set(os.listdir(hf_out))
