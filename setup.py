@@ -20,6 +20,8 @@ setup(
         "omegaconf>=2.3",
         "tqdm",
         "numpy",
+        "pyarrow>=14",  # Parquet prompt sets (verl's format)
+        "math-verify>=0.9",  # symbolic answer checking for the math reward
     ],
     extras_require={
         # GPU clusters only: sglang pins its own torch/CUDA stack. Transformer Engine and NVIDIA apex come

@@ -75,7 +75,8 @@ def tiny_corpus(num_lines: int = 4000, seed: int = 0) -> list[str]:
         "but what some we can out other were all there when up use your how said an each she which do their "
         "time if will way about many then them write would like so these her long make thing see him two has "
         "look more day could go come did number sound no most people my over know water than call first who "
-        "may down side been now find answer question compute sum plus minus equals result solve think step user assistant system"
+        "may down side been now find answer question compute sum plus minus equals result solve think step user "
+        "assistant system"
     ).split()
     lines = []
     for _ in range(num_lines):
