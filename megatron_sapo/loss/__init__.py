@@ -1,0 +1,22 @@
+"""The RL loss: log-probs on vocab-parallel logits, policy losses (SAPO and the PPO family), advantages."""
+
+from megatron_sapo.loss.advantages import ADVANTAGE_ESTIMATORS, apply_overlong_penalty, compute_advantages
+from megatron_sapo.loss.aggregation import LOSS_AGG_MODES, aggregate_loss, loss_denominator, masked_mean
+from megatron_sapo.loss.logprobs import vocab_parallel_log_probs
+from megatron_sapo.loss.policy import KL_ESTIMATORS, POLICY_LOSSES, PolicyTerms, kl_penalty, policy_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "POLICY_LOSSES",
+    "PolicyTerms",
+    "aggregate_loss",
+    "apply_overlong_penalty",
+    "compute_advantages",
+    "kl_penalty",
+    "loss_denominator",
+    "masked_mean",
+    "policy_loss",
+    "vocab_parallel_log_probs",
+]
