@@ -36,7 +36,8 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
+        # A model's vocabulary may be larger than its tokenizer's (Qwen3's is); such ids decode to nothing.
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if skip_special_tokens:
             ids = [i for i in ids if i != self.eos_token_id and not self.sp.is_control(i)]
         return self.sp.decode(ids)
@@ -88,7 +89,7 @@ def tiny_corpus(num_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tiny_tokenizer(out_dir: str, vocab_size: int = 160, seed: int = 0) -> str:
+def train_tiny_tokenizer(out_dir: str, vocab_size: int = 250, seed: int = 0) -> str:
     """Train a small sentencepiece BPE model (digits split, ChatML markers as single pieces)."""
     import sentencepiece
 

@@ -29,7 +29,7 @@ class TinyQwen3MoeSizes:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.05
-    tokenizer_vocab_size: int = 160
+    tokenizer_vocab_size: int = 250
 
 
 def make_tiny_qwen3_moe(out_dir: str, sizes: TinyQwen3MoeSizes = TinyQwen3MoeSizes(), seed: int = 0) -> str:
