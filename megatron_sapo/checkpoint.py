@@ -152,3 +152,34 @@ def check_tensor_shapes(sharded_state_dict: dict, ckpt_dir: str, *, field: str =
                 f"{field}: tensor {expected.key} in {ckpt_dir} has shape {list(shape)}, the model expects "
                 f"{list(expected.global_shape)}; the checkpoint was written for a different model config"
             )
+
+
+# --- the trainer's checkpoint folder: checkpoints/iter_NNNNNNN + a `latest` pointer ------------------------------
+
+LATEST_FILE = "latest"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def step_dir(checkpoints_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir, f"iter_{step:07d}")
+
+
+def latest_checkpoint(checkpoints_dir: str) -> str | None:
+    """The folder the `latest` pointer names, if it is a complete checkpoint."""
+    try:
+        with open(os.path.join(checkpoints_dir, LATEST_FILE)) as f:
+            path = os.path.join(checkpoints_dir, f.read().strip())
+    except FileNotFoundError:
+        return None
+    return path if is_complete_checkpoint(path) else None
+
+
+def publish_latest(checkpoints_dir: str, ckpt_dir: str, keep: int) -> None:
+    """Rank 0: point `latest` at ``ckpt_dir`` (atomically), then delete all but the newest ``keep`` checkpoints."""
+    pointer = os.path.join(checkpoints_dir, LATEST_FILE)
+    with open(pointer + ".tmp", "w") as f:
+        f.write(os.path.basename(ckpt_dir))
+    os.replace(pointer + ".tmp", pointer)
+    steps = sorted(d for d in os.listdir(checkpoints_dir) if d.startswith("iter_") and "." not in d)
+    for old in steps[:-keep]:
+        shutil.rmtree(os.path.join(checkpoints_dir, old), ignore_errors=True)

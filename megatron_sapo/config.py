@@ -1,0 +1,277 @@
+"""The trainer's configuration: typed dataclasses, loaded from YAML with dotted ``key=value`` overrides.
+
+Keys follow the seed/verl vocabulary (``algorithm.adv_estimator``, ``actor.policy_loss.loss_mode``,
+``actor.tau_pos``, ``actor.megatron.expert_model_parallel_size``, ``data.max_response_length``, ``rollout.n``,
+``trainer.save_freq``, ...). verl's ``actor_rollout_ref.`` prefix is accepted and dropped, so overrides copied
+from a verl command line (``actor_rollout_ref.actor.tau_neg=1.05``) work unchanged.
+
+:func:`load_config` checks everything it can without a process group or a model: unknown keys, wrong types,
+out-of-range values, batch arithmetic, and the parallel layout against the world size and the model's
+``config.json``. Every problem is one :class:`InputError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_sapo.data.config import DataConfig
+from megatron_sapo.errors import InputError
+from megatron_sapo.loss import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from megatron_sapo.parallel.layout import ParallelLayout
+from megatron_sapo.rewards.config import DynamicSamplingConfig, RewardConfig
+from megatron_sapo.rollout.config import RolloutConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    # HF checkpoint folder: config.json, tokenizer and (unless mcore_checkpoint is set) the initial weights.
+    path: str = ""
+    # A Megatron distributed checkpoint made by tools/convert_hf_to_mcore.py; loads faster than HF safetensors.
+    mcore_checkpoint: str | None = None
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class MegatronConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    # Colocated rollout: move these to CPU while the rollout engine holds the GPU, and back for training.
+    param_offload: bool = False
+    grad_offload: bool = False
+    optimizer_offload: bool = False
+    # Megatron's hybrid CPU optimizer: this fraction of the optimizer step runs on CPU (0.0 offloads nothing).
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 0.0
+    recompute_granularity: str | None = None  # null | selective | full
+    recompute_num_layers: int | None = None
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_aux_loss_coeff: float = 0.0
+    moe_grouped_gemm: bool = False
+    use_transformer_engine: bool | None = None  # null: when importable on CUDA
+    seed: int = 1234
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.context_parallel_size,
+            self.expert_model_parallel_size,
+            self.expert_tensor_parallel_size,
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class PolicyLossConfig:
+    loss_mode: str = "sapo"
+
+
+@dataclass
+class ActorConfig:
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # SAPO's gate temperatures for positive / negative advantages (paper: 1.0 / 1.05).
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    # PPO/GSPO clipping (loss_mode vanilla or gspo); clip_ratio_c is the dual-clip bound.
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg_mode: str = "token-mean"
+    # Prompts per optimizer step (each with rollout.n responses); data.train_batch_size must be a multiple.
+    ppo_mini_batch_size: int = 8
+    ppo_epochs: int = 1
+    # Micro-batches are length-bucketed to at most this many (padded) tokens per data-parallel rank.
+    max_tokens_per_micro_batch: int = 8192
+    # KL penalty to the reference (initial) policy, and entropy bonus.
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    entropy_coeff: float = 0.0
+    # Truncated importance sampling against the rollout engine's log-probs (null: off).
+    tis_cap: float | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    gamma: float = 1.0
+    lam: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    save_freq: int = 0  # 0: only at the end
+    output_dir: str = "outputs/run"
+    resume: str = "auto"  # auto | disable | a checkpoint folder
+    max_checkpoints_to_keep: int = 2
+    seed: int = 1
+    export_hf_at_end: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    save_timeout_s: float = 3600.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+VERL_PREFIX = "actor_rollout_ref."
+
+
+def _normalise_override(item: str) -> str:
+    if "=" not in item:
+        raise InputError(f"override {item!r}: write overrides as key=value, e.g. actor.tau_pos=1.0")
+    return item[len(VERL_PREFIX) :] if item.startswith(VERL_PREFIX) else item
+
+
+def _omegaconf_error(error: OmegaConfBaseException) -> InputError:
+    key = getattr(error, "full_key", None) or "config"
+    message = str(error).splitlines()[0]
+    if "not in" in message:
+        return InputError(f"{key}: unknown key ({message}); check the spelling against the recipe config.yaml")
+    return InputError(f"{key}: {message}")
+
+
+def load_config(path: str | None, overrides: list[str] = (), *, world_size: int | None = None) -> Config:
+    """Read, merge and validate the configuration; raise one InputError line for the first problem."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not os.path.isfile(path):
+                raise InputError(f"--config: {path} does not exist; pass a YAML file such as recipes/tiny_moe/config.yaml")
+            loaded = OmegaConf.load(path)
+            for key in [k for k in loaded if isinstance(k, str) and k == VERL_PREFIX[:-1]]:
+                raise InputError(f"{path}: move the '{key}:' section's contents to the top level (actor, rollout, model)")
+            layers.append(loaded)
+        layers.append(OmegaConf.from_dotlist([_normalise_override(item) for item in overrides]))
+        config: Config = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as error:
+        raise _omegaconf_error(error) from None
+    except InputError:
+        raise
+    except Exception as error:  # yaml syntax and the like
+        raise InputError(f"{path or 'config'}: {str(error).splitlines()[0]}") from None
+    validate_config(config, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return config
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(message)
+
+
+def _choice(key: str, value, choices) -> None:
+    _check(value in choices, f"{key}={value!r}: use one of {', '.join(map(str, choices))}")
+
+
+def validate_config(config: Config, world_size: int) -> None:
+    """The cross-field rules (each field's own range is checked by its dataclass or here)."""
+    from megatron_sapo.models.qwen3_moe import Qwen3MoeArch, transformer_engine_usable
+    from megatron_sapo.parallel.layout import validate_layout
+
+    actor, megatron, data, trainer = config.actor, config.actor.megatron, config.data, config.trainer
+    _check(bool(config.model.path), "model.path is empty: set it to an HF checkpoint folder (config.json, tokenizer)")
+    _check(os.path.isdir(config.model.path), f"model.path={config.model.path}: no such folder")
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    _check(bool(data.train_files), "data.train_files is empty: list one or more .jsonl/.parquet prompt files")
+    for file in data.train_files:
+        _check(os.path.isfile(file), f"data.train_files: {file} does not exist")
+    _choice("actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, sorted(POLICY_LOSSES))
+    _choice("actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES)
+    _choice("actor.kl_loss_type", actor.kl_loss_type, sorted(KL_ESTIMATORS))
+    _choice("algorithm.adv_estimator", config.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
+    _check(config.algorithm.adv_estimator != "gae", "algorithm.adv_estimator=gae needs a critic, which megatron_sapo "
+           "does not train; use grpo, rloo or reinforce_plus_plus")  # fmt: skip
+    _check(actor.tau_pos > 0, f"actor.tau_pos={actor.tau_pos}: must be > 0 (paper: 1.0)")
+    _check(actor.tau_neg > 0, f"actor.tau_neg={actor.tau_neg}: must be > 0 (paper: 1.05)")
+    _check(actor.clip_ratio_low >= 0 and actor.clip_ratio_high >= 0, "actor.clip_ratio_low/high: must be >= 0")
+    _check(actor.clip_ratio_c > 1, f"actor.clip_ratio_c={actor.clip_ratio_c}: must be > 1")
+    _check(actor.tis_cap is None or actor.tis_cap > 0, f"actor.tis_cap={actor.tis_cap}: must be > 0, or null")
+    _check(actor.ppo_mini_batch_size >= 1, f"actor.ppo_mini_batch_size={actor.ppo_mini_batch_size}: must be >= 1")
+    _check(
+        data.train_batch_size % actor.ppo_mini_batch_size == 0,
+        f"data.train_batch_size={data.train_batch_size} is not a multiple of actor.ppo_mini_batch_size="
+        f"{actor.ppo_mini_batch_size}; make the batch divisible into mini-batches",
+    )
+    _check(actor.ppo_epochs >= 1, f"actor.ppo_epochs={actor.ppo_epochs}: must be >= 1")
+    longest = data.max_prompt_length + data.max_response_length
+    _check(
+        actor.max_tokens_per_micro_batch >= longest,
+        f"actor.max_tokens_per_micro_batch={actor.max_tokens_per_micro_batch} is below data.max_prompt_length + "
+        f"data.max_response_length = {longest}; raise it so that the longest sample fits a micro-batch",
+    )
+    optim = actor.optim
+    _check(optim.lr > 0, f"actor.optim.lr={optim.lr}: must be > 0")
+    _choice("actor.optim.lr_decay_style", optim.lr_decay_style, ("constant", "linear", "cosine"))
+    _check(optim.clip_grad >= 0, f"actor.optim.clip_grad={optim.clip_grad}: must be >= 0 (0 disables clipping)")
+    _choice("actor.megatron.recompute_granularity", megatron.recompute_granularity, (None, "selective", "full"))
+    _choice("actor.megatron.moe_token_dispatcher_type", megatron.moe_token_dispatcher_type, ("alltoall", "allgather"))
+    _check(0.0 <= megatron.optimizer_offload_fraction <= 1.0,
+           f"actor.megatron.optimizer_offload_fraction={megatron.optimizer_offload_fraction}: must be in [0, 1]")  # fmt: skip
+    _check(trainer.total_steps >= 1, f"trainer.total_steps={trainer.total_steps}: must be >= 1")
+    _check(trainer.save_freq >= 0, f"trainer.save_freq={trainer.save_freq}: must be >= 0 (0: only at the end)")
+    _check(trainer.max_checkpoints_to_keep >= 1, "trainer.max_checkpoints_to_keep: must be >= 1")
+    _check(
+        trainer.resume in ("auto", "disable") or os.path.isdir(trainer.resume),
+        f"trainer.resume={trainer.resume!r}: use auto, disable, or an existing checkpoint folder",
+    )
+
+    arch = Qwen3MoeArch.from_hf_dir(config.model.path)
+    te = megatron.use_transformer_engine if megatron.use_transformer_engine is not None else transformer_engine_usable()
+    validate_layout(megatron.layout, world_size, arch, prefix="actor.megatron.", te=te)
+    dp = megatron.layout.data_parallel_size(world_size)
+    samples = actor.ppo_mini_batch_size * config.rollout.n
+    _check(
+        samples % dp == 0,
+        f"actor.ppo_mini_batch_size × rollout.n = {samples} samples per mini-batch do not split over {dp} "
+        "data-parallel ranks; make it a multiple of the data-parallel size",
+    )
+    _check(
+        longest <= arch.max_position_embeddings,
+        f"data.max_prompt_length + data.max_response_length = {longest} exceeds the model's "
+        f"max_position_embeddings={arch.max_position_embeddings}",
+    )
+
+
+def save_resolved_config(config: Config, output_dir: str) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.yaml")
+    with open(path + ".tmp", "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    os.replace(path + ".tmp", path)
+    return path
