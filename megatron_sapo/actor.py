@@ -155,7 +155,8 @@ class MegatronActor:
             forward_only=forward_only,
         )
 
-    def _response_log_probs(self, batch: MicroBatch, logits: torch.Tensor, *, entropy: bool = False):
+    def _response_log_probs(self, batch: MicroBatch, logits: torch.Tensor, *, training: bool = False):
+        """Log-probs of the response tokens (and, when training, the entropy) at the rollout temperature."""
         from megatron.core import parallel_state as ps
 
         result = vocab_parallel_log_probs(
@@ -164,10 +165,13 @@ class MegatronActor:
             tp_group=ps.get_tensor_model_parallel_group(),
             vocab_size=self.arch.vocab_size,
             temperature=self.config.rollout.temperature,
-            return_entropy=entropy,
+            chunk_size=self.config.actor.log_prob_chunk_size,
+            return_entropy=training,
+            # Nothing reads the output layer's logits after the loss, so their storage takes the gradient.
+            inplace_backward=training,
         )
         gather = partial(torch.gather, dim=1, index=batch.response_index)
-        return tuple(gather(r) for r in result) if entropy else gather(result)
+        return tuple(gather(r) for r in result) if training else gather(result)
 
     @torch.no_grad()
     def compute_log_probs(self, samples: Samples, *, reference: bool = False) -> torch.Tensor:
@@ -239,7 +243,7 @@ class MegatronActor:
 
     def _loss(self, batch: MicroBatch, logits: torch.Tensor, *, denominator, scale):
         actor = self.config.actor
-        log_probs, entropy = self._response_log_probs(batch, logits, entropy=True)
+        log_probs, entropy = self._response_log_probs(batch, logits, training=True)
         tokens = batch.per_token
         params = {"tau_pos": actor.tau_pos, "tau_neg": actor.tau_neg}
         if actor.policy_loss.loss_mode in ("vanilla", "gspo"):

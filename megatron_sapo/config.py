@@ -104,6 +104,8 @@ class ActorConfig:
     ppo_epochs: int = 1
     # Micro-batches are length-bucketed to at most this many (padded) tokens per data-parallel rank.
     max_tokens_per_micro_batch: int = 8192
+    # Tokens per chunk of the vocab-parallel log-prob computation: bounds its fp32 work space (null: no chunks).
+    log_prob_chunk_size: int | None = 4096
     # KL penalty to the reference (initial) policy, and entropy bonus.
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
