@@ -22,6 +22,7 @@ setup(
         "numpy",
         "pyarrow>=14",  # Parquet prompt sets (verl's format)
         "math-verify>=0.9",  # symbolic answer checking for the math reward
+        "aiohttp>=3.9",  # the rollout client and the embedded rollout server
     ],
     extras_require={
         # GPU clusters only: sglang pins its own torch/CUDA stack. Transformer Engine and NVIDIA apex come
