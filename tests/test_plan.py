@@ -1,0 +1,195 @@
+"""The memory plan: the Qwen3-30B-A3B recipes fit 80 GB H100s, bad layouts do not, and the numbers are the formulas'."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from megatron_sapo import plan
+from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.parallel.layout import ParallelLayout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "qwen3_30b_a3b")
+CONFIG = os.path.join(RECIPE, "config.yaml")
+MULTINODE = os.path.join(RECIPE, "config_multinode.yaml")
+HF_CONFIG = os.path.join(RECIPE, "hf_config")
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """The single-node recipe as the plan loads it (model.path and data files are placeholders on this machine)."""
+    return plan.load_plan_config(CONFIG, [], world_size=8)
+
+
+def test_single_node_recipe_fits_8x_h100_80gb(recipe, capsys):
+    config, arch = recipe
+    memory = plan.plan_memory(config, arch, 8, gpu_memory_gib=80)
+    assert memory.fits_training and memory.fits_rollout
+    assert memory.training.training + memory.headroom_bytes <= 80 * GIB
+    assert memory.headroom_bytes == 5 * GIB
+    # The CLI agrees, prints the table, and exits 0.
+    assert plan.main(["--config", CONFIG, "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=2 PP=1 CP=1 EP=8 ETP=1 -> DP=4, expert-DP=1" in out and "=> FITS" in out
+
+
+def test_multinode_recipe_fits_4_nodes(capsys):
+    assert plan.main(["--config", MULTINODE, "--nodes", "4", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "32 GPUs" in out and "expert-DP=4" in out and "=> FITS" in out
+
+
+def test_bad_layout_does_not_fit_and_exits_1(recipe, capsys):
+    # No recompute: every layer keeps ~1 GiB of activations per micro-batch.
+    overrides = ["actor.megatron.recompute_granularity=null"]
+    assert plan.main(["--config", CONFIG, "--world-size", "8", *overrides]) == 1
+    out = capsys.readouterr().out
+    assert "training: does NOT fit" in out and "=> DOES NOT FIT" in out
+    # Nor does EP 4 with the experts' Adam state on the GPU (twice the experts per GPU, expert-DP 2).
+    overrides = ["actor.megatron.expert_model_parallel_size=4", "actor.megatron.optimizer_cpu_offload=false"]
+    config, arch = plan.load_plan_config(CONFIG, overrides, world_size=8)
+    assert not plan.plan_memory(config, arch, 8).fits_training
+    # Without offload the trainer's state and SGLang's 70% do not fit together while rolling out.
+    overrides = [f"actor.megatron.{name}_offload=false" for name in ("param", "grad", "optimizer")]
+    config, arch = plan.load_plan_config(CONFIG, overrides, world_size=8)
+    memory = plan.plan_memory(config, arch, 8)
+    assert memory.fits_training and not memory.fits_rollout and not memory.fits
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--world-size", "6"], "does not divide the world size 6"),
+    (["--world-size", "8", "--nodes", "1"], "either --world-size or --nodes"),
+    (["--world-size", "24", "actor.megatron.tensor_model_parallel_size=3"], "does not divide num_attention_heads"),
+    (["--world-size", "8", "actor.no_such_key=1"], "unknown key"),
+    (["--world-size", "8", "--gpu-memory-gib", "0"], "--gpu-memory-gib"),
+    (["--world-size", "8", "--hf-config", "/nonexistent"], "--hf-config"),
+])  # fmt: skip
+def test_bad_input_exits_2_with_one_line(argv, message, capsys):
+    assert plan.main(["--config", CONFIG, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_missing_config_exits_2(capsys):
+    assert plan.main(["--config", "/nonexistent/config.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- parameter bytes, by hand from config.json ----------------------------------------------------------------------
+
+
+def hand_param_bytes(tp: int, ep: int, etp: int = 1) -> int:
+    """bf16 bytes of the parameters on one GPU (PP=1), written out from the HF config without the plan's helpers."""
+    with open(os.path.join(HF_CONFIG, "config.json")) as f:
+        c = json.load(f)
+    h, layers, experts = c["hidden_size"], c["num_hidden_layers"], c["num_experts"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    vocab = c["vocab_size"]  # 151936 is already a multiple of 128: no padding rows
+    assert vocab % 128 == 0
+    embedding_and_output = 2 * vocab * h
+    attention = layers * (h * q + 2 * h * kv + q * h)  # q, k, v and o projections
+    norms_and_router = layers * (2 * h + 2 * c["head_dim"] + experts * h) + h  # + final norm
+    routed_experts = layers * experts * 3 * h * c["moe_intermediate_size"]
+    per_gpu = (embedding_and_output + attention) // tp + norms_and_router + routed_experts // (ep * etp)
+    return 2 * per_gpu
+
+
+@pytest.mark.parametrize("tp, ep", [(1, 8), (2, 4), (2, 8)])
+def test_param_bytes_match_hand_computation(recipe, tp, ep):
+    config, arch = recipe
+    config = dataclasses.replace(config)  # the fixture is shared: change a copy
+    config.actor = dataclasses.replace(config.actor, megatron=dataclasses.replace(
+        config.actor.megatron, tensor_model_parallel_size=tp, expert_model_parallel_size=ep))  # fmt: skip
+    stage = plan.plan_memory(config, arch, 8).training
+    params = stage.row("params (bfloat16)").training
+    assert params == hand_param_bytes(tp, ep)
+    assert stage.row("grads (fp32)").training == 2 * params  # fp32 grads of bf16 params
+
+
+def test_model_parameter_count_is_the_published_one():
+    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    # transformers counts 30,532,122,624 for this config (tests/test_param_count.py builds it on the meta device).
+    assert plan.model_parameter_count(arch) == 30_532_122_624
+
+
+def test_optimizer_bytes_shard_over_dp_and_expert_dp():
+    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    layout = ParallelLayout(2, 1, 1, 4, 1)  # 8 GPUs: DP 4 for dense params, expert-DP 2 for experts
+    settings = plan.PlanSettings(layout=layout, world_size=8)
+    stage = plan.stage_params(arch, layout, 0)
+    assert plan.optimizer_bytes(stage, settings).gpu == round(12 * (stage.dense / 4 + stage.expert / 2))
+    shard = stage.dense / 4 + stage.expert / 2
+    # Hybrid CPU optimizer, all of it on the host; the precision-aware path (actor.py sets it with the CPU
+    # optimizer) keeps the fp32 main shard there too.
+    offloaded = dataclasses.replace(settings, optimizer_cpu_offload=True, optimizer_offload_fraction=1.0)
+    result = plan.optimizer_bytes(stage, offloaded)
+    assert (result.gpu, result.host) == (0, round(16 * shard))
+    half = plan.optimizer_bytes(stage, dataclasses.replace(offloaded, optimizer_offload_fraction=0.5))
+    assert (half.gpu, half.host) == (round(12 * 0.5 * shard), round(16 * 0.5 * shard))
+    # Without the precision-aware path the fp32 main shard would stay on the GPU.
+    legacy = plan.optimizer_bytes(stage, dataclasses.replace(offloaded, precision_aware_optimizer=False))
+    assert legacy.gpu == round(4 * shard)
+
+
+# --- offload ----------------------------------------------------------------------------------------------------------
+
+
+def test_offload_reduces_rollout_residency_by_exactly_the_offloaded_parts(recipe):
+    config, arch = recipe
+    # The optimizer state on the GPU (not Megatron's CPU optimizer), so that offloading it has something to move.
+    base = dataclasses.replace(plan.PlanSettings.from_config(config, 8), optimizer_cpu_offload=False)
+    resident = dataclasses.replace(base, param_offload=False, grad_offload=False, optimizer_offload=False)
+    before = plan.plan_from_settings(arch, resident).rollout
+    parts = {"param_offload": "params (bfloat16)", "grad_offload": "grads (fp32)", "optimizer_offload": "optimizer"}
+    for flag, row in parts.items():
+        after = plan.plan_from_settings(arch, dataclasses.replace(resident, **{flag: True})).rollout
+        assert before.rollout - after.rollout == before.row(row).training > 0, flag
+        assert after.training == before.training  # training holds everything again
+    everything = plan.plan_from_settings(arch, base).rollout
+    offloaded = sum(before.row(row).training for row in parts.values())
+    assert before.rollout - everything.rollout == offloaded
+    # What is left while rolling out is the SGLang servers' static share, nothing of the trainer's.
+    assert everything.rollout == round(config.rollout.mem_fraction_static * 80 * GIB)
+
+
+def test_engine_counts_in_training_without_memory_saver(recipe):
+    config, arch = recipe
+    settings = dataclasses.replace(plan.PlanSettings.from_config(config, 8), rollout_memory_saver=False)
+    with_saver = plan.plan_from_settings(arch, plan.PlanSettings.from_config(config, 8)).training
+    without = plan.plan_from_settings(arch, settings).training
+    assert without.training - with_saver.training == round(config.rollout.mem_fraction_static * 80 * GIB)
+
+
+# --- activations ------------------------------------------------------------------------------------------------------
+
+
+def test_full_recompute_keeps_only_layer_inputs():
+    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    settings = plan.PlanSettings(layout=ParallelLayout(2, 1, 1, 8, 1), world_size=8, max_tokens_per_micro_batch=16384,
+                                 max_sequence_length=10240, recompute_granularity="full")  # fmt: skip
+    stage = plan.stage_params(arch, settings.layout, 0)
+    full = plan.activation_bytes(arch, stage, settings)
+    assert full.kept == 48 * 2 * arch.hidden_size * 16384 // 2  # one bf16 [T/TP, h] input per layer
+    none = plan.activation_bytes(arch, stage, dataclasses.replace(settings, recompute_granularity=None))
+    per_layer = (plan.attention_bytes_per_token(arch) + plan.moe_bytes_per_token(arch, 1)) * 16384 // 2
+    assert none.kept == 48 * per_layer
+    assert full.backward_work == none.backward_work + per_layer  # plus the one recomputed layer
+    assert full.output == none.output > 0  # logits do not depend on recompute
+
+
+def test_pipeline_plans_first_and_last_stage():
+    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    settings = plan.PlanSettings(layout=ParallelLayout(1, 4, 1, 8, 1), world_size=32, recompute_granularity="full")
+    memory = plan.plan_from_settings(arch, settings)
+    first, last = memory.stages
+    assert (first.params.stage, last.params.stage) == (0, 3) and first.params.num_layers == 12
+    first_act = plan.activation_bytes(arch, first.params, settings)
+    last_act = plan.activation_bytes(arch, last.params, settings)
+    assert first_act.output == 0 < last_act.output  # logits live on the last stage only
+    # 1F1B: the first stage keeps 4 micro-batches' layer inputs, the last one.
+    assert first_act.kept == 4 * last_act.kept
+    assert first.row("activations kept for backward").training == first_act.kept
