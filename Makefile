@@ -27,3 +27,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The CPU demo: tiny Qwen3-MoE, warm start, conversion, SAPO under torchrun (EP=2), metrics plot (~5 min).
+demo: install
+	bash recipes/tiny_moe/demo.sh

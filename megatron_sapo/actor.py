@@ -20,6 +20,9 @@ from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_mod
 from megatron_sapo.parallel import offload
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Each rank writes its own optimizer shard, in parallel and without gathering (megatron-core 0.16's torch_dist
+# backend no longer takes the flattened model-space format). The price: a resume must keep TP/PP/EP; DP may change.
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 # How policy_loss's micro-batch metrics combine over micro-batches and DP ranks (see _reduce_metrics).
 SUMMED_METRICS = ("pg_loss", "kl_loss", "entropy")
 TOKEN_MEAN_METRICS = ("ratio_mean", "grad_weight_mean", "grad_weight_low_frac", "approx_kl", "tis_weight_mean",
@@ -66,6 +69,9 @@ class MegatronActor:
                 use_distributed_optimizer=True,
                 optimizer_cpu_offload=megatron.optimizer_cpu_offload,
                 optimizer_offload_fraction=megatron.optimizer_offload_fraction,
+                # Megatron's hybrid CPU optimizer runs through this path; it also keeps the fp32 main params
+                # with the optimizer state instead of beside the model on the GPU.
+                use_precision_aware_optimizer=megatron.optimizer_cpu_offload,
             ),
             self.model,
         )
@@ -317,7 +323,7 @@ class MegatronActor:
         rank, world = dist.get_rank(), dist.get_world_size()
         return {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state),
+            "optimizer": self.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_CHECKPOINT_FORMAT),
             "scheduler": self.scheduler.state_dict(),
             "rng": ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0),
         }
@@ -328,7 +334,9 @@ class MegatronActor:
         model_state = self.model[0].sharded_state_dict()
         sharded = {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=True),
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_state, is_loading=True, metadata=OPTIMIZER_CHECKPOINT_FORMAT
+            ),
             "scheduler": self.scheduler.state_dict(),
             "rng": self.sharded_state_dict()["rng"],
         }

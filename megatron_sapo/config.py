@@ -168,8 +168,20 @@ def _omegaconf_error(error: OmegaConfBaseException) -> InputError:
     return InputError(f"{key}: {message}")
 
 
-def load_config(path: str | None, overrides: list[str] = (), *, world_size: int | None = None) -> Config:
-    """Read, merge and validate the configuration; raise one InputError line for the first problem."""
+def load_config(
+    path: str | None,
+    overrides: list[str] = (),
+    *,
+    world_size: int | None = None,
+    check_paths: bool = True,
+    hf_config_dir: str | None = None,
+) -> Config:
+    """Read, merge and validate the configuration; raise one InputError line for the first problem.
+
+    ``check_paths=False`` skips the checks that the model folder and prompt files exist, and ``hf_config_dir``
+    names where the model's config.json is read from instead of ``model.path``: the memory planner uses both to
+    plan a run on a machine that has neither the checkpoint nor the data.
+    """
     schema = OmegaConf.structured(Config)
     try:
         layers = [schema]
@@ -188,7 +200,8 @@ def load_config(path: str | None, overrides: list[str] = (), *, world_size: int 
         raise
     except Exception as error:  # yaml syntax and the like
         raise InputError(f"{path or 'config'}: {str(error).splitlines()[0]}") from None
-    validate_config(config, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    validate_config(config, world_size, check_paths=check_paths, hf_config_dir=hf_config_dir)
     return config
 
 
@@ -201,24 +214,27 @@ def _choice(key: str, value, choices) -> None:
     _check(value in choices, f"{key}={value!r}: use one of {', '.join(map(str, choices))}")
 
 
-def validate_config(config: Config, world_size: int) -> None:
+def validate_config(config: Config, world_size: int, *, check_paths: bool = True, hf_config_dir: str | None = None):
     """The cross-field rules (each field's own range is checked by its dataclass or here)."""
     from megatron_sapo.models.qwen3_moe import Qwen3MoeArch, transformer_engine_usable
     from megatron_sapo.parallel.layout import validate_layout
 
     actor, megatron, data, trainer = config.actor, config.actor.megatron, config.data, config.trainer
-    _check(bool(config.model.path), "model.path is empty: set it to an HF checkpoint folder (config.json, tokenizer)")
-    _check(os.path.isdir(config.model.path), f"model.path={config.model.path}: no such folder")
+    if check_paths:
+        _check(bool(config.model.path), "model.path is empty: set it to an HF checkpoint folder (config.json, tokenizer)")
+        _check(os.path.isdir(config.model.path), f"model.path={config.model.path}: no such folder")
+        _check(bool(data.train_files), "data.train_files is empty: list one or more .jsonl/.parquet prompt files")
+        for file in data.train_files:
+            _check(os.path.isfile(file), f"data.train_files: {file} does not exist")
     _choice("model.dtype", config.model.dtype, DTYPES)
-    _check(bool(data.train_files), "data.train_files is empty: list one or more .jsonl/.parquet prompt files")
-    for file in data.train_files:
-        _check(os.path.isfile(file), f"data.train_files: {file} does not exist")
     _choice("actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, sorted(POLICY_LOSSES))
     _choice("actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES)
     _choice("actor.kl_loss_type", actor.kl_loss_type, sorted(KL_ESTIMATORS))
     _choice("algorithm.adv_estimator", config.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
     _check(config.algorithm.adv_estimator != "gae", "algorithm.adv_estimator=gae needs a critic, which megatron_sapo "
            "does not train; use grpo, rloo or reinforce_plus_plus")  # fmt: skip
+    _check(config.rollout.temperature > 0, f"rollout.temperature={config.rollout.temperature}: must be > 0 for "
+           "training; the loss uses log-probs of softmax(logits / temperature)")  # fmt: skip
     _check(actor.tau_pos > 0, f"actor.tau_pos={actor.tau_pos}: must be > 0 (paper: 1.0)")
     _check(actor.tau_neg > 0, f"actor.tau_neg={actor.tau_neg}: must be > 0 (paper: 1.05)")
     _check(actor.clip_ratio_low >= 0 and actor.clip_ratio_high >= 0, "actor.clip_ratio_low/high: must be >= 0")
@@ -253,7 +269,7 @@ def validate_config(config: Config, world_size: int) -> None:
         f"trainer.resume={trainer.resume!r}: use auto, disable, or an existing checkpoint folder",
     )
 
-    arch = Qwen3MoeArch.from_hf_dir(config.model.path)
+    arch = Qwen3MoeArch.from_hf_dir(hf_config_dir or config.model.path)
     te = megatron.use_transformer_engine if megatron.use_transformer_engine is not None else transformer_engine_usable()
     validate_layout(megatron.layout, world_size, arch, prefix="actor.megatron.", te=te)
     dp = megatron.layout.data_parallel_size(world_size)

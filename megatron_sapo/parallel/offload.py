@@ -33,6 +33,8 @@ def offload_params_and_grads(ddp_models, *, params: bool, grads: bool) -> None:
                 pin_memory=torch.cuda.is_available(),
             )
         buffer.offload_to_cpu(move_params=params, move_grads=grads)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the freed blocks back, so the rollout engine can use them
 
 
 def reload_params_and_grads(ddp_models, *, params: bool, grads: bool) -> None:
