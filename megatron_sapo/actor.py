@@ -12,9 +12,16 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.batch import MicroBatch, Samples, bucket_by_length, data_parallel_shard, make_micro_batch, split_to_count
+from megatron_sapo.batch import (
+    MicroBatch,
+    Samples,
+    bucket_by_length,
+    data_parallel_shard,
+    make_micro_batch,
+    split_to_count,
+)
 from megatron_sapo.config import Config
-from megatron_sapo.convert.megatron_io import export_hf_weights, load_hf_weights
+from megatron_sapo.convert.megatron_io import export_hf_weights, load_hf_weights, unwrap_model
 from megatron_sapo.loss import loss_denominator, policy_loss, vocab_parallel_log_probs
 from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_model
 from megatron_sapo.parallel import offload
@@ -31,7 +38,11 @@ TOKEN_MEAN_METRICS = ("ratio_mean", "grad_weight_mean", "grad_weight_low_frac", 
 
 class MegatronActor:
     def __init__(self, config: Config, arch: Qwen3MoeArch):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -110,9 +121,9 @@ class MegatronActor:
         targets = [self.model] + ([self.reference] if self.reference is not None else [])
         for chunks in targets:
             if self.config.model.mcore_checkpoint:
-                sharded = {"model": chunks[0].sharded_state_dict()}
+                sharded = {"model": unwrap_model(chunks[0]).sharded_state_dict()}
                 state = load_sharded(sharded, self.config.model.mcore_checkpoint, field="model.mcore_checkpoint")
-                chunks[0].load_state_dict(state["model"])
+                unwrap_model(chunks[0]).load_state_dict(state["model"])
             else:
                 reader = HFCheckpointReader(self.config.model.path)
                 reader.validate(self.arch)
@@ -315,33 +326,28 @@ class MegatronActor:
         """Collective; yields ``(hf_name, tensor)`` on global rank 0 (see ``megatron_io.export_hf_weights``)."""
         return export_hf_weights(self.model, self.arch)
 
-    def sharded_state_dict(self) -> dict:
+    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
+        """Model, optimizer, LR scheduler and this rank's RNG states, as one Megatron sharded state dict."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        model_state = self.model[0].sharded_state_dict()
+        # The bare model's keys (no DDP "module." prefix): a trainer checkpoint reads like a converted one, so
+        # tools/convert_mcore_to_hf.py exports it and model.mcore_checkpoint can start from it.
+        model_state = unwrap_model(self.model[0]).sharded_state_dict()
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        rank, world = dist.get_rank(), dist.get_world_size()
         return {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_CHECKPOINT_FORMAT),
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT
+            ),
             "scheduler": self.scheduler.state_dict(),
-            "rng": ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0),
+            "rng": ShardedObject("rng_state", rng, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0),
         }
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         from megatron_sapo.checkpoint import load_sharded
 
-        model_state = self.model[0].sharded_state_dict()
-        sharded = {
-            "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(
-                model_state, is_loading=True, metadata=OPTIMIZER_CHECKPOINT_FORMAT
-            ),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": self.sharded_state_dict()["rng"],
-        }
-        state = load_sharded(sharded, ckpt_dir, field="trainer.resume")
-        self.model[0].load_state_dict(state["model"])
+        state = load_sharded(self.sharded_state_dict(is_loading=True), ckpt_dir, field="trainer.resume")
+        unwrap_model(self.model[0]).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["cpu"])

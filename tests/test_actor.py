@@ -1,7 +1,6 @@
 """The Megatron actor's log-probs and SAPO update equal a plain transformers + Adam computation, in every layout."""
 
 import pytest
-
 from torchrun import torchrun
 
 LAYOUTS = {

@@ -6,7 +6,6 @@ and PP=2 with the same logits.
 """
 
 import pytest
-
 from torchrun import torchrun
 
 TOLERANCE = 1e-4

@@ -1,7 +1,6 @@
 """One Adam step with Megatron's distributed optimizer equals transformers + torch.optim.Adam on one process."""
 
 import pytest
-
 from torchrun import torchrun
 
 

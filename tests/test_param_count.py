@@ -1,7 +1,6 @@
 """Qwen3-30B-A3B built by the provider on the meta device has the published parameter counts."""
 
 import torch
-
 from torchrun import torchrun
 
 RECIPE_HF_CONFIG = "recipes/qwen3_30b_a3b/hf_config"

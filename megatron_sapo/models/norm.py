@@ -7,7 +7,6 @@ all-reduces the weight gradient across the TP group exactly as it does for Trans
 """
 
 import torch
-
 from megatron.core.transformer import TransformerConfig
 
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import torch
 
 
-def _buffers(ddp_models):
+def ddp_buffers(ddp_models):
+    """The param/grad buffers of DDP-wrapped model chunks, dense and expert-parallel."""
     for model in ddp_models:
         yield from model.buffers
         yield from model.expert_parallel_buffers
 
 
 def offload_params_and_grads(ddp_models, *, params: bool, grads: bool) -> None:
-    for buffer in _buffers(ddp_models):
+    for buffer in ddp_buffers(ddp_models):
         if params and buffer.param_data is not None and buffer.param_data_cpu is None:
             buffer.param_data_cpu = torch.empty(
                 buffer.param_data.shape,
@@ -38,7 +39,7 @@ def offload_params_and_grads(ddp_models, *, params: bool, grads: bool) -> None:
 
 
 def reload_params_and_grads(ddp_models, *, params: bool, grads: bool) -> None:
-    for buffer in _buffers(ddp_models):
+    for buffer in ddp_buffers(ddp_models):
         buffer.reload_from_cpu(move_params=params, move_grads=grads)
 
 
@@ -53,7 +54,7 @@ def reload_optimizer(optimizer) -> None:
 def device_bytes(ddp_models) -> dict[str, int]:
     """Bytes held by the param and grad buffers' storage (0 while offloaded)."""
     sizes = {"params": 0, "grads": 0}
-    for buffer in _buffers(ddp_models):
+    for buffer in ddp_buffers(ddp_models):
         if buffer.param_data is not None:
             sizes["params"] += buffer.param_data.untyped_storage().size()
         if buffer.grad_data is not None:

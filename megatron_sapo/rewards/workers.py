@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -32,6 +31,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Sequence
 
 from megatron_sapo.errors import InputError
+from megatron_sapo.lifetime import exit_with_parent
 from megatron_sapo.rewards.config import RewardConfig
 from megatron_sapo.rewards.registry import (
     RewardSample,
@@ -258,7 +258,7 @@ def worker_main(fd: int) -> None:
     """A worker's life: load the reward function, then score one response per message until told to stop."""
     # Ctrl-C goes to the whole process group; the trainer handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    exit_with_parent()
     conn = Connection(fd)
     spec, field_name, sys_path = conn.recv()
     sys.path[:] = sys_path
@@ -281,18 +281,6 @@ def worker_main(fd: int) -> None:
         except (Exception, SystemExit) as e:
             reply = ("error", index, describe_error(e))
         conn.send(reply)
-
-
-def _exit_with_parent(period_s: float = 2.0) -> None:
-    """Exit when the trainer dies, even in the middle of a hung reward function (its socket EOF is not read then)."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(period_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 def describe_error(error: BaseException) -> str:

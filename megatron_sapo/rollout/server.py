@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_sapo.lifetime import exit_with_parent
 from megatron_sapo.rollout.decode import DecodeRequest, DecodeResult, decode_batch
 from megatron_sapo.rollout.hf_weights import HFWeightWriter, iter_safetensors
 
@@ -515,6 +516,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)  # the CPU is shared with the trainer's ranks
+    exit_with_parent()  # it runs in its own session, so nothing else ends it when the trainer is killed
 
     from aiohttp import web
 

@@ -15,9 +15,9 @@ import shutil
 
 import torch
 
+from megatron_sapo.convert.hf_io import copy_side_files
 from megatron_sapo.data import DataConfig, load_prompts, load_tokenizer
 from megatron_sapo.data.arithmetic import reference_response
-from megatron_sapo.convert.hf_io import copy_side_files
 
 
 def warm_start(hf_dir: str, train_file: str, out_dir: str, *, steps: int, lr: float, batch_size: int, seed: int) -> None:
