@@ -346,13 +346,32 @@ class MegatronActor:
     def load_checkpoint(self, ckpt_dir: str) -> None:
         from megatron_sapo.checkpoint import load_sharded
 
+        self._allocate_torch_optimizer_state()
         state = load_sharded(self.sharded_state_dict(is_loading=True), ckpt_dir, field="trainer.resume")
         unwrap_model(self.model[0]).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the model's parameters, which require grad
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+    def _allocate_torch_optimizer_state(self) -> None:
+        """Give torch's Adam its per-parameter state (zeros, step 0) before a resume fills it in.
+
+        Without apex or Transformer Engine, megatron-core's DistributedOptimizer reads the Adam step from that state
+        to describe the checkpoint it loads, but torch creates it only at the first step, and a resume comes before
+        any: megatron-core's own ``init_state_fn`` allocates the moments, the step is added here."""
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+        if HAVE_APEX_OR_TE:
+            return
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = optimizer.optimizer
+            if len(inner.state) == 0 and optimizer.init_state_fn is not None:
+                optimizer.init_state_fn(inner, optimizer.config)
+                for param_state in inner.state.values():
+                    param_state["step"] = torch.tensor(0.0)
 
     def offload(self) -> None:
         megatron = self.config.actor.megatron

@@ -3,7 +3,7 @@
 Each step: prompts → rollout (``rollout.n`` samples each) → rewards (+ DAPO overlong shaping, dynamic sampling) →
 old log-probs from the current Megatron policy (and reference log-probs when the KL term is on) → advantages →
 one optimizer step per mini-batch (micro-batches through Megatron's pipeline schedule, loss on vocab-parallel
-logits) → weight sync to the rollout engine → metrics → a checkpoint every ``trainer.save_freq`` steps.
+logits) → a checkpoint every ``trainer.save_freq`` steps → weight sync to the rollout engine → metrics.
 
 Generation, reward scoring and logging happen on global rank 0; the sampled batch is broadcast, and everything
 Megatron does is collective. With ``actor.megatron.*_offload`` the trainer's GPU state moves to host memory while
@@ -123,14 +123,18 @@ def train(config: Config) -> str:
             with _timer(timings, "update"):
                 update_metrics = actor.update(samples, _mini_batches(batch["group_index"], config))
 
-            # 5. The rollout engine gets the new weights; then it has the GPU again.
+            # 5. A checkpoint, while the trainer's state is on the GPU (before it is offloaded for the next rollout).
+            if (config.trainer.save_freq and step % config.trainer.save_freq == 0) or step == config.trainer.total_steps:
+                _save(actor, stream, step, checkpoints, config)
+
+            # 6. The rollout engine gets the new weights; then it has the GPU again.
             with _timer(timings, "weight_sync"):
                 _engine_memory(engine, config, tags=["weights"])
                 _sync_weights(actor, engine, config)
                 actor.offload()
                 _engine_memory(engine, config, tags=["kv_cache"])
 
-            # 6. Metrics and checkpoint.
+            # 7. Metrics.
             metrics.update({f"actor/{k}": v for k, v in update_metrics.items()})
             metrics["rollout/logprob_diff"] = float(
                 masked_mean((samples.old_log_probs.cpu() - samples.rollout_log_probs).abs(), mask)
@@ -142,8 +146,6 @@ def train(config: Config) -> str:
             if is_rank0():
                 metrics_log.log(step, metrics)
                 progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-            if (config.trainer.save_freq and step % config.trainer.save_freq == 0) or step == config.trainer.total_steps:
-                _save(actor, stream, step, checkpoints, config)
     finally:
         if engine is not None:
             engine.shutdown()

@@ -18,13 +18,14 @@ import sys
 METRICS_FILE = "metrics.jsonl"  # megatron_sapo.metrics.METRICS_FILE, without importing torch for a plot
 
 # (panel title, metric keys drawn in it). timing/* is expanded to every timing key the run logged.
+# Gradient norms span orders of magnitude (one bad batch before clipping), so that panel is log-scaled.
 PANELS = [
     ("reward", ["reward/mean", "reward/shaped_mean"]),
     ("response length (tokens)", ["response_length/mean"]),
     ("entropy", ["actor/entropy"]),
     ("SAPO gate weight (mean)", ["actor/grad_weight_mean"]),
     ("approx. KL to the behaviour policy", ["actor/approx_kl"]),
-    ("grad norm", ["actor/grad_norm"]),
+    ("grad norm (before clipping, log scale)", ["actor/grad_norm"]),
     ("policy loss", ["actor/pg_loss"]),
     ("rollout vs trainer log-prob diff", ["rollout/logprob_diff"]),
     ("time per step by phase (s)", ["timing/*"]),
@@ -97,6 +98,8 @@ def plot(records: list[dict], out: str, title: str) -> str:
             axis.plot(steps, values, marker="." if len(steps) < 50 else None, label=key)
         axis.set_title(name, fontsize=10)
         axis.set_xlabel("step")
+        if "log scale" in name:
+            axis.set_yscale("log")
         axis.grid(alpha=0.3)
         if len(keys) > 1:
             axis.legend(fontsize=7)
