@@ -134,9 +134,7 @@ class MegatronActor:
     def _my_share(self, samples: Samples) -> list[int]:
         from megatron.core import parallel_state as ps
 
-        return data_parallel_shard(
-            samples.lengths(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        )
+        return data_parallel_shard(samples.lengths(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
 
     def _micro_batches(self, samples: Samples, indices: list[int]) -> list[MicroBatch]:
         """Length buckets of ``indices``; every DP rank makes as many as the rank that needs the most."""
@@ -386,4 +384,3 @@ class MegatronActor:
             offload.reload_params_and_grads(self.model, params=megatron.param_offload, grads=megatron.grad_offload)
         if megatron.optimizer_offload:
             offload.reload_optimizer(self.optimizer)
-

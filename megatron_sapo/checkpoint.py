@@ -143,9 +143,7 @@ def check_tensor_shapes(sharded_state_dict: dict, ckpt_dir: str, *, field: str =
         if not isinstance(expected, ShardedTensor):
             continue
         if expected.key not in stored:
-            raise InputError(
-                f"{field}: {ckpt_dir} has no tensor {expected.key}; it was written for a different model"
-            )
+            raise InputError(f"{field}: {ckpt_dir} has no tensor {expected.key}; it was written for a different model")
         shape = tuple(stored[expected.key].global_shape)
         if shape != tuple(expected.global_shape):
             raise InputError(

@@ -129,6 +129,10 @@ class AlgorithmConfig:
 class TrainerConfig:
     total_steps: int = 100
     save_freq: int = 0  # 0: only at the end
+    # With data.val_files: validate every test_freq steps (0: after the last step only) and, with
+    # val_before_train, once before the first step (logged as step 0). Sampling: rollout.val_kwargs.
+    test_freq: int = 0
+    val_before_train: bool = True
     output_dir: str = "outputs/run"
     resume: str = "auto"  # auto | disable | a checkpoint folder
     max_checkpoints_to_keep: int = 2
@@ -187,10 +191,14 @@ def load_config(
         layers = [schema]
         if path is not None:
             if not os.path.isfile(path):
-                raise InputError(f"--config: {path} does not exist; pass a YAML file such as recipes/tiny_moe/config.yaml")
+                raise InputError(
+                    f"--config: {path} does not exist; pass a YAML file such as recipes/tiny_moe/config.yaml"
+                )
             loaded = OmegaConf.load(path)
             for key in [k for k in loaded if isinstance(k, str) and k == VERL_PREFIX[:-1]]:
-                raise InputError(f"{path}: move the '{key}:' section's contents to the top level (actor, rollout, model)")
+                raise InputError(
+                    f"{path}: move the '{key}:' section's contents to the top level (actor, rollout, model)"
+                )
             layers.append(loaded)
         layers.append(OmegaConf.from_dotlist([_normalise_override(item) for item in overrides]))
         config: Config = OmegaConf.to_object(OmegaConf.merge(*layers))
@@ -221,11 +229,14 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
 
     actor, megatron, data, trainer = config.actor, config.actor.megatron, config.data, config.trainer
     if check_paths:
-        _check(bool(config.model.path), "model.path is empty: set it to an HF checkpoint folder (config.json, tokenizer)")
+        _check(
+            bool(config.model.path), "model.path is empty: set it to an HF checkpoint folder (config.json, tokenizer)"
+        )
         _check(os.path.isdir(config.model.path), f"model.path={config.model.path}: no such folder")
         _check(bool(data.train_files), "data.train_files is empty: list one or more .jsonl/.parquet prompt files")
-        for file in data.train_files:
-            _check(os.path.isfile(file), f"data.train_files: {file} does not exist")
+        for split in ("train", "val"):
+            for file in getattr(data, f"{split}_files"):
+                _check(os.path.isfile(file), f"data.{split}_files: {file} does not exist")
     _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, sorted(POLICY_LOSSES))
     _choice("actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES)
@@ -259,9 +270,10 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
     _check(optim.clip_grad >= 0, f"actor.optim.clip_grad={optim.clip_grad}: must be >= 0 (0 disables clipping)")
     _choice("actor.megatron.recompute_granularity", megatron.recompute_granularity, (None, "selective", "full"))
     _choice("actor.megatron.moe_token_dispatcher_type", megatron.moe_token_dispatcher_type, ("alltoall", "allgather"))
-    _check(0.0 <= megatron.optimizer_offload_fraction <= 1.0,
-           f"actor.megatron.optimizer_offload_fraction={megatron.optimizer_offload_fraction}: must be in [0, 1]")  # fmt: skip
+    fraction = megatron.optimizer_offload_fraction
+    _check(0.0 <= fraction <= 1.0, f"actor.megatron.optimizer_offload_fraction={fraction}: must be in [0, 1]")
     _check(trainer.total_steps >= 1, f"trainer.total_steps={trainer.total_steps}: must be >= 1")
+    _check(trainer.test_freq >= 0, f"trainer.test_freq={trainer.test_freq}: must be >= 0 (0: after the last step)")
     _check(trainer.save_freq >= 0, f"trainer.save_freq={trainer.save_freq}: must be >= 0 (0: only at the end)")
     _check(trainer.max_checkpoints_to_keep >= 1, "trainer.max_checkpoints_to_keep: must be >= 1")
     _check(

@@ -15,7 +15,9 @@ class MetricsLogger:
     """Rank 0's metrics sink. On resume, lines of steps after the checkpoint are dropped first, so the file reads
     as if the run had never been interrupted."""
 
-    def __init__(self, output_dir: str, *, resume_step: int = 0, tensorboard: bool = True, wandb_project=None, config=None):
+    def __init__(
+        self, output_dir: str, *, resume_step: int = 0, tensorboard: bool = True, wandb_project=None, config=None
+    ):
         self.path = os.path.join(output_dir, METRICS_FILE)
         self._truncate_after(resume_step)
         self.tensorboard = self.wandb = None

@@ -56,7 +56,10 @@ def train(config: Config) -> str:
         save_resolved_config(config, out)
 
     tokenizer = load_tokenizer(config.model.path)
-    stream = PromptStream(load_prompts(config.data, tokenizer).items, shuffle=config.data.shuffle, seed=config.data.seed)
+    stream = PromptStream(
+        load_prompts(config.data, tokenizer).items, shuffle=config.data.shuffle, seed=config.data.seed
+    )
+    val_prompts = load_prompts(config.data, tokenizer, "val").items if config.data.val_files else []
     actor = MegatronActor(config, arch)
 
     resume_from = _resume_checkpoint(config, checkpoints)
@@ -84,6 +87,8 @@ def train(config: Config) -> str:
         actor.reload()
         _sync_weights(actor, engine, config)
         actor.offload()
+    if val_prompts and config.trainer.val_before_train and start_step == 0 and is_rank0():
+        metrics_log.log(0, _validate(config, val_prompts, engine, rewards, tokenizer))
 
     progress = tqdm(range(start_step + 1, config.trainer.total_steps + 1), desc="steps", disable=not is_rank0(),
                     initial=start_step, total=config.trainer.total_steps)  # fmt: skip
@@ -94,7 +99,9 @@ def train(config: Config) -> str:
 
             # 1. Rollout and rewards (rank 0; the trainer's GPU state sits on the host meanwhile).
             with _timer(timings, "rollout"):
-                batch = _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) if is_rank0() else None
+                batch = (
+                    _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) if is_rank0() else None
+                )
                 batch = _broadcast(batch)
             _engine_memory(engine, config, release=True)
             actor.reload()
@@ -124,7 +131,9 @@ def train(config: Config) -> str:
                 update_metrics = actor.update(samples, _mini_batches(batch["group_index"], config))
 
             # 5. A checkpoint, while the trainer's state is on the GPU (before it is offloaded for the next rollout).
-            if (config.trainer.save_freq and step % config.trainer.save_freq == 0) or step == config.trainer.total_steps:
+            if (
+                config.trainer.save_freq and step % config.trainer.save_freq == 0
+            ) or step == config.trainer.total_steps:
                 _save(actor, stream, step, checkpoints, config)
 
             # 6. The rollout engine gets the new weights; then it has the GPU again.
@@ -134,7 +143,7 @@ def train(config: Config) -> str:
                 actor.offload()
                 _engine_memory(engine, config, tags=["kv_cache"])
 
-            # 7. Metrics.
+            # 7. Metrics, and validation on data.val_files with the new weights.
             metrics.update({f"actor/{k}": v for k, v in update_metrics.items()})
             metrics["rollout/logprob_diff"] = float(
                 masked_mean((samples.old_log_probs.cpu() - samples.rollout_log_probs).abs(), mask)
@@ -143,6 +152,10 @@ def train(config: Config) -> str:
             num_tokens = sum(samples.lengths())
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
             metrics["perf/tokens_per_s"] = num_tokens / max(sum(timings.values()), 1e-9)
+            if val_prompts and is_rank0() and _validation_due(config.trainer, step):
+                with _timer(timings, "validation"):
+                    metrics.update(_validate(config, val_prompts, engine, rewards, tokenizer))
+                metrics["timing/validation"] = timings["validation"]
             if is_rank0():
                 metrics_log.log(step, metrics)
                 progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
@@ -173,12 +186,18 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
     def generate_round():
         nonlocal round_index
         prompts = stream.next_batch(config.data.prompts_per_generation_round)
-        outputs = engine.generate([p.prompt_ids for p in prompts], n=n, seed=_round_seed(config.trainer.seed, step, round_index),
-                                  max_new_tokens=config.data.max_response_length)
+        outputs = engine.generate(
+            [p.prompt_ids for p in prompts],
+            n=n,
+            seed=_round_seed(config.trainer.seed, step, round_index),
+            max_new_tokens=config.data.max_response_length,
+        )
         round_index += 1
         scores, info = rewards.compute_rewards(
             [
-                RewardSample(tokenizer.decode(s.response_ids, skip_special_tokens=True), p.label, p.data_source, p.extra_info)
+                RewardSample(
+                    tokenizer.decode(s.response_ids, skip_special_tokens=True), p.label, p.data_source, p.extra_info
+                )
                 for p, group in zip(prompts, outputs)
                 for s in group
             ]
@@ -236,6 +255,33 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
         "group_index": group_index,
         "data_state": stream.state_dict(),
     }
+
+
+def _validation_due(trainer, step: int) -> bool:
+    return step == trainer.total_steps or bool(trainer.test_freq and step % trainer.test_freq == 0)
+
+
+def _validate(config, prompts, engine, rewards, tokenizer) -> dict[str, float]:
+    """Rank 0: answer every validation prompt with ``rollout.val_kwargs`` sampling and score the answers."""
+    val = config.rollout.val_kwargs
+    sampling = engine.sampling_params(temperature=val.temperature, top_p=val.top_p, top_k=val.top_k)
+    outputs = engine.generate([p.prompt_ids for p in prompts], n=val.n, seed=config.trainer.seed, sampling=sampling,
+                              max_new_tokens=config.data.max_response_length)  # fmt: skip
+    responses = [(p, s) for p, group in zip(prompts, outputs) for s in group]
+    scores, _ = rewards.compute_rewards(
+        [RewardSample(tokenizer.decode(s.response_ids, skip_special_tokens=True), p.label, p.data_source, p.extra_info)
+         for p, s in responses]
+    )  # fmt: skip
+    metrics = {
+        "val/reward/mean": sum(scores) / len(scores),
+        "val/response_length/mean": sum(len(s.response_ids) for _, s in responses) / len(responses),
+    }
+    sources = sorted({p.data_source for p, _ in responses})
+    if len(sources) > 1:  # verl's per-data-source validation scores
+        for source in sources:
+            mine = [score for (p, _), score in zip(responses, scores) if p.data_source == source]
+            metrics[f"val/reward/{source or 'unknown'}"] = sum(mine) / len(mine)
+    return metrics
 
 
 def _round_seed(seed: int, step: int, round_index: int) -> int:

@@ -4,8 +4,11 @@ import pytest
 from torchrun import torchrun
 
 LAYOUTS = {
-    "tp2_sp_chunked": ["actor.megatron.tensor_model_parallel_size=2", "actor.megatron.expert_tensor_parallel_size=2",
-                       "actor.log_prob_chunk_size=5"],
+    "tp2_sp_chunked": [
+        "actor.megatron.tensor_model_parallel_size=2",
+        "actor.megatron.expert_tensor_parallel_size=2",
+        "actor.log_prob_chunk_size=5",
+    ],
     "ep2_dp2": ["actor.megatron.expert_model_parallel_size=2"],
     "pp2": ["actor.megatron.pipeline_model_parallel_size=2"],
 }

@@ -23,7 +23,11 @@ def arch(tiny_hf_dir):
         (ParallelLayout(expert_model_parallel_size=4), 2, "= 4 does not divide the world size 2"),
         (ParallelLayout(context_parallel_size=2), 2, "context parallelism needs Transformer Engine"),
         (ParallelLayout(tensor_model_parallel_size=0), 1, "must be a positive integer"),
-        (ParallelLayout(tensor_model_parallel_size=2), 2, "expert_tensor_parallel_size=1 < actor.megatron.tensor_model_parallel_size=2"),
+        (
+            ParallelLayout(tensor_model_parallel_size=2),
+            2,
+            "expert_tensor_parallel_size=1 < actor.megatron.tensor_model_parallel_size=2",
+        ),
     ],
 )
 def test_bad_layouts_name_the_setting(arch, layout, world, needle):

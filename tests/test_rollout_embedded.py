@@ -164,8 +164,11 @@ def test_sampling_follows_the_tempered_distribution(engine, hf_model):
 
 
 def test_replies_have_sglangs_shape(engine):
-    status, reply = post(engine.urls[0], "/generate", {"input_ids": PROMPTS[0], "return_logprob": True,
-                                                       "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    status, reply = post(
+        engine.urls[0],
+        "/generate",
+        {"input_ids": PROMPTS[0], "return_logprob": True, "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
+    )
     assert status == 200 and set(reply) == {"text", "output_ids", "meta_info"} and isinstance(reply["text"], str)
     meta = reply["meta_info"]
     assert meta["prompt_tokens"] == len(PROMPTS[0]) and meta["completion_tokens"] == len(reply["output_ids"])
@@ -174,8 +177,11 @@ def test_replies_have_sglangs_shape(engine):
     assert all(isinstance(lp, float) and text is None for lp, _, text in meta["output_token_logprobs"])
 
     # A batch with n=2 is the batch twice over (SGLang: input_ids * n), one reply per row.
-    status, replies = post(engine.urls[0], "/generate", {"input_ids": [PROMPTS[0], PROMPTS[1]],
-                                                         "sampling_params": {"max_new_tokens": 2, "n": 2}})
+    status, replies = post(
+        engine.urls[0],
+        "/generate",
+        {"input_ids": [PROMPTS[0], PROMPTS[1]], "sampling_params": {"max_new_tokens": 2, "n": 2}},
+    )
     assert status == 200 and [r["meta_info"]["prompt_tokens"] for r in replies] == [6, 3, 6, 3]
     assert all("output_token_logprobs" not in r["meta_info"] for r in replies)  # not asked for
 

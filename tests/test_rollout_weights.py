@@ -134,8 +134,10 @@ def test_buckets_are_bounded_and_keep_order():
 def test_update_from_disk_generates_like_a_fresh_server(server, baseline, fresh, perturbed_dir):
     assert [s.response_ids for s in fresh] != [s.response_ids for s in baseline]  # the perturbation shows
     stats = server.update_weights(iter_safetensors(perturbed_dir), weight_version="disk-1")
-    assert stats.tensors == 87 and stats.buckets >= 10 and stats.bytes == sum(
-        t.numel() * t.element_size() for _, t in iter_safetensors(perturbed_dir)
+    assert (
+        stats.tensors == 87
+        and stats.buckets >= 10
+        and stats.bytes == sum(t.numel() * t.element_size() for _, t in iter_safetensors(perturbed_dir))
     )
     written = server._sync.folder
     assert len(safetensors_files(written)) == stats.buckets
@@ -168,8 +170,9 @@ def test_a_trainer_under_torchrun_starts_its_embedded_server_and_broadcasts_to_i
     assert [p["buckets"] >= 10 for p in result["pushes"]] == [True, True]
     got = result["generations"]
     assert [ids for ids, _ in got] == [s.response_ids for s in fresh]
-    worst = max(max(abs(a - b) for a, b in zip(lps, s.logprobs, strict=True)) for (_, lps), s in zip(got, fresh,
-                                                                                                       strict=True))
+    worst = max(
+        max(abs(a - b) for a, b in zip(lps, s.logprobs, strict=True)) for (_, lps), s in zip(got, fresh, strict=True)
+    )
     assert worst <= 1e-5, worst
 
 

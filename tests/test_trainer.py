@@ -45,6 +45,7 @@ def digit_share(data_source, solution_str, ground_truth, extra_info=None):
 class Inputs:
     hf_dir: str
     train_file: str
+    val_file: str
     reward_function: str
 
 
@@ -55,14 +56,17 @@ def inputs(tiny_hf_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
     (folder / "digit_share.py").write_text(DIGIT_SHARE_REWARD)
     train_file = write_arithmetic_jsonl(str(folder / "train.jsonl"), num=16, max_operand=5)
-    return Inputs(tiny_hf_dir, train_file, f"{folder / 'digit_share.py'}:digit_share")
+    val_file = write_arithmetic_jsonl(str(folder / "val.jsonl"), num=6, seed=1, max_operand=9)
+    return Inputs(tiny_hf_dir, train_file, val_file, f"{folder / 'digit_share.py'}:digit_share")
 
 
 def _overrides(inputs: Inputs, out: str, *extra: str) -> list[str]:
     return [
         f"model.path={inputs.hf_dir}", "model.mcore_checkpoint=null", f"data.train_files=[{inputs.train_file}]",
         "reward.type=custom", f"reward.custom_function={inputs.reward_function}",
-        f"trainer.output_dir={out}", "trainer.total_steps=4", "trainer.save_freq=2", "trainer.max_checkpoints_to_keep=1",
+        f"data.val_files=[{inputs.val_file}]", "trainer.test_freq=2",
+        f"trainer.output_dir={out}", "trainer.total_steps=4", "trainer.save_freq=2",
+        "trainer.max_checkpoints_to_keep=1",
         "data.train_batch_size=4", "rollout.n=4", "actor.ppo_mini_batch_size=2", "reward.num_workers=1", *extra,
     ]  # fmt: skip
 
@@ -89,6 +93,16 @@ def _metrics(out: str) -> list[dict]:
     return read_metrics(out)
 
 
+def _hf_tensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    found = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            found.update(load_file(os.path.join(folder, name)))
+    return found
+
+
 def _assert_same_steps(actual: list[dict], expected: list[dict], steps, tol: float = 1e-6) -> None:
     by_step = {row["step"]: row for row in actual}
     for want in (row for row in expected if row["step"] in steps):
@@ -108,8 +122,10 @@ def reference_run(inputs, tmp_path_factory):
 
 def test_reference_run_metrics_and_checkpoints(reference_run):
     rows = _metrics(reference_run)
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    for row in rows:
+    # Step 0: validation before training; then validation every test_freq=2 steps.
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+    assert [("val/reward/mean" in row) for row in rows] == [True, False, True, False, True]
+    for row in rows[1:]:
         missing = [key for key in REQUIRED_METRICS if key not in row]
         assert not missing, f"step {row['step']} lacks {missing}"
         # The trainer's log-probs of the sampled tokens equal the engine's: the weights it generated with are
@@ -127,10 +143,42 @@ def test_reference_run_metrics_and_checkpoints(reference_run):
     assert state["step"] == 4
 
 
+def _greedy_digit_share(hf_dir: str, inputs: Inputs, max_new_tokens: int = 8) -> float:
+    """Validation recomputed with transformers: greedy answers to the val prompts, scored by DIGIT_SHARE_REWARD."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sapo.config import load_config
+    from megatron_sapo.data import load_prompts, load_tokenizer
+
+    config = load_config(RECIPE, _overrides(inputs, "unused"), world_size=2)
+    tokenizer = load_tokenizer(inputs.hf_dir)
+    namespace: dict = {}
+    exec(DIGIT_SHARE_REWARD, namespace)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    scores = []
+    for prompt in load_prompts(config.data, tokenizer, "val").items:
+        ids = torch.tensor([prompt.prompt_ids])
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        response = out[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_token_id in response:
+            response = response[: response.index(tokenizer.eos_token_id) + 1]
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        scores.append(namespace["digit_share"]("arithmetic", text, prompt.label))
+    return sum(scores) / len(scores)
+
+
+def test_validation_equals_transformers_greedy_decoding(reference_run, inputs):
+    """The val reward before training is the initial model's, the one after the last step the exported policy's."""
+    rows = {row["step"]: row for row in _metrics(reference_run)}
+    assert rows[0]["val/reward/mean"] == pytest.approx(_greedy_digit_share(inputs.hf_dir, inputs), abs=1e-9)
+    final = _greedy_digit_share(os.path.join(reference_run, "hf"), inputs)
+    assert rows[4]["val/reward/mean"] == pytest.approx(final, abs=1e-9)
+
+
 def test_final_hf_export_equals_the_last_checkpoint(reference_run, tiny_hf_dir, tmp_path):
     """The exported HF policy is the step-4 checkpoint converted offline, tensor for tensor, and it changed."""
-    from safetensors.torch import load_file
-
     converted = str(tmp_path / "converted")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "convert_mcore_to_hf.py"), "--hf-template", tiny_hf_dir,
@@ -139,14 +187,8 @@ def test_final_hf_export_equals_the_last_checkpoint(reference_run, tiny_hf_dir, 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def tensors(folder):
-        found = {}
-        for name in os.listdir(folder):
-            if name.endswith(".safetensors"):
-                found.update(load_file(os.path.join(folder, name)))
-        return found
-
-    exported, offline, initial = tensors(os.path.join(reference_run, "hf")), tensors(converted), tensors(tiny_hf_dir)
+    exported = _hf_tensors(os.path.join(reference_run, "hf"))
+    offline, initial = _hf_tensors(converted), _hf_tensors(tiny_hf_dir)
     assert exported.keys() == offline.keys() == initial.keys()
     for name in exported:
         assert torch.equal(exported[name], offline[name]), name
@@ -183,19 +225,23 @@ def test_killed_while_saving_then_resumed_reproduces_the_reference(reference_run
     _train(overrides)  # trainer.resume=auto: from iter_0000002
 
     resumed = _metrics(out)
-    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3, 4]
     _assert_same_steps(resumed, _metrics(reference_run), steps=(3, 4))
     assert sorted(os.listdir(checkpoints)) == ["iter_0000004", "latest"]
 
 
 def test_offloaded_run_equals_reference(reference_run, inputs, tmp_path):
+    """Params, grads and optimizer state on the host between updates change nothing: same metrics, same weights."""
     out = str(tmp_path / "run")
     _train(_overrides(
-        inputs, out, "actor.megatron.expert_model_parallel_size=2", "trainer.total_steps=2",
-        "trainer.save_freq=0", "trainer.export_hf_at_end=false", "actor.megatron.param_offload=true",
+        inputs, out, "actor.megatron.expert_model_parallel_size=2", "actor.megatron.param_offload=true",
         "actor.megatron.grad_offload=true", "actor.megatron.optimizer_offload=true",
     ))  # fmt: skip
-    _assert_same_steps(_metrics(out), _metrics(reference_run), steps=(1, 2))
+    _assert_same_steps(_metrics(out), _metrics(reference_run), steps=(0, 1, 2, 3, 4))
+    offloaded, reference = _hf_tensors(os.path.join(out, "hf")), _hf_tensors(os.path.join(reference_run, "hf"))
+    assert offloaded.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(offloaded[name], reference[name]), name
 
 
 def test_tensor_parallel_run_agrees_with_expert_parallel_reference(reference_run, inputs, tmp_path):
@@ -207,9 +253,10 @@ def test_tensor_parallel_run_agrees_with_expert_parallel_reference(reference_run
         "actor.megatron.expert_tensor_parallel_size=2", "trainer.total_steps=1", "trainer.save_freq=0",
         "trainer.export_hf_at_end=false",
     ))  # fmt: skip
-    (row,) = _metrics(out)
-    assert row["rollout/logprob_diff"] < 1e-5
-    _assert_same_steps([row], _metrics(reference_run), steps=(1,), tol=1e-4)
+    rows = _metrics(out)
+    assert [row["step"] for row in rows] == [0, 1]
+    assert rows[1]["rollout/logprob_diff"] < 1e-5
+    _assert_same_steps(rows, _metrics(reference_run), steps=(0, 1), tol=1e-4)
 
 
 def test_offload_frees_and_restores_buffers(inputs):
@@ -254,8 +301,8 @@ def test_bad_config_is_one_clear_error(override, expected, inputs, tmp_path):
 def test_verl_prefixed_overrides_are_accepted(inputs, tmp_path):
     from megatron_sapo.config import load_config
 
-    config = load_config(RECIPE, [*_overrides(inputs, str(tmp_path / "run")),
-                                  "actor_rollout_ref.actor.tau_neg=1.2", "actor_rollout_ref.rollout.n=8"], world_size=2)  # fmt: skip
+    verl_style = ["actor_rollout_ref.actor.tau_neg=1.2", "actor_rollout_ref.rollout.n=8"]
+    config = load_config(RECIPE, [*_overrides(inputs, str(tmp_path / "run")), *verl_style], world_size=2)
     assert config.actor.tau_neg == 1.2 and config.rollout.n == 8
 
 

@@ -1,6 +1,6 @@
 """Make a tiny random Qwen3-MoE HF checkpoint and its sentencepiece tokenizer.
 
-    python tools/make_tiny_qwen3_moe.py --out /tmp/tiny [--hidden-size 64 --num-experts 4 ...]
+python tools/make_tiny_qwen3_moe.py --out /tmp/tiny [--hidden-size 64 --num-experts 4 ...]
 """
 
 import argparse

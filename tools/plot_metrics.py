@@ -20,7 +20,7 @@ METRICS_FILE = "metrics.jsonl"  # megatron_sapo.metrics.METRICS_FILE, without im
 # (panel title, metric keys drawn in it). timing/* is expanded to every timing key the run logged.
 # Gradient norms span orders of magnitude (one bad batch before clipping), so that panel is log-scaled.
 PANELS = [
-    ("reward", ["reward/mean", "reward/shaped_mean"]),
+    ("reward", ["reward/mean", "reward/shaped_mean", "val/reward/mean"]),
     ("response length (tokens)", ["response_length/mean"]),
     ("entropy", ["actor/entropy"]),
     ("SAPO gate weight (mean)", ["actor/grad_weight_mean"]),

@@ -44,7 +44,9 @@ class HFCheckpointReader:
                 with open(index_path) as f:
                     self.file_of = dict(json.load(f)["weight_map"])
             except (OSError, ValueError, KeyError) as e:
-                raise InputError(f"{index_path}: unreadable index ({e}); re-download or re-export the checkpoint")
+                raise InputError(
+                    f"{index_path}: unreadable index ({e}); re-download or re-export the checkpoint"
+                ) from None
         elif os.path.exists(os.path.join(hf_dir, SINGLE_FILE)):
             self.file_of = {name: SINGLE_FILE for name in self._keys(SINGLE_FILE)}
         else:
@@ -61,7 +63,7 @@ class HFCheckpointReader:
             try:
                 self._handles[file] = safe_open(path, framework="pt")
             except (OSError, SafetensorError) as e:
-                raise InputError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it")
+                raise InputError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it") from None
         return self._handles[file]
 
     def names(self) -> set[str]:
@@ -74,7 +76,7 @@ class HFCheckpointReader:
         try:
             return self._open(self.file_of[name]).get_tensor(name)
         except SafetensorError as e:
-            raise InputError(f"{self.hf_dir}: tensor {name} unreadable ({e}); re-download or re-export it")
+            raise InputError(f"{self.hf_dir}: tensor {name} unreadable ({e}); re-download or re-export it") from None
 
     def validate(self, arch: Qwen3MoeArch) -> None:
         """Every expected tensor present with its shape, nothing extra; one line naming the first problem."""

@@ -40,7 +40,10 @@ QWEN3_MOE_RULES: tuple[WeightRule, ...] = (
     WeightRule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
     WeightRule(("output_layer.weight",), ("lm_head.weight",), "vocab", tp_dim=0),
     WeightRule(
-        ("decoder.layers.{layer}.input_layernorm.weight", "decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight"),
+        (
+            "decoder.layers.{layer}.input_layernorm.weight",
+            "decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
+        ),
         (LAYER + "input_layernorm.weight",),
         scope="layer",
     ),
@@ -52,10 +55,14 @@ QWEN3_MOE_RULES: tuple[WeightRule, ...] = (
         scope="layer",
     ),
     WeightRule(
-        ("decoder.layers.{layer}.self_attention.q_layernorm.weight",), (LAYER + "self_attn.q_norm.weight",), scope="layer"
+        ("decoder.layers.{layer}.self_attention.q_layernorm.weight",),
+        (LAYER + "self_attn.q_norm.weight",),
+        scope="layer",
     ),
     WeightRule(
-        ("decoder.layers.{layer}.self_attention.k_layernorm.weight",), (LAYER + "self_attn.k_norm.weight",), scope="layer"
+        ("decoder.layers.{layer}.self_attention.k_layernorm.weight",),
+        (LAYER + "self_attn.k_norm.weight",),
+        scope="layer",
     ),
     WeightRule(
         ("decoder.layers.{layer}.self_attention.linear_proj.weight",),
@@ -96,7 +103,9 @@ QWEN3_MOE_RULES: tuple[WeightRule, ...] = (
         tp_dim=0,
         scope="dense",
     ),
-    WeightRule(("decoder.layers.{layer}.mlp.linear_fc2.weight",), (LAYER + "mlp.down_proj.weight",), tp_dim=1, scope="dense"),
+    WeightRule(
+        ("decoder.layers.{layer}.mlp.linear_fc2.weight",), (LAYER + "mlp.down_proj.weight",), tp_dim=1, scope="dense"
+    ),
 )
 
 

@@ -43,9 +43,7 @@ class SentencePieceTokenizer:
         return self.sp.decode(ids)
 
     def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True, **_):
-        text = "".join(
-            CHATML_ROLE_PREFIX.format(role=m["role"]) + m["content"] + CHATML_TURN_END for m in messages
-        )
+        text = "".join(CHATML_ROLE_PREFIX.format(role=m["role"]) + m["content"] + CHATML_TURN_END for m in messages)
         if add_generation_prompt:
             text += CHATML_ROLE_PREFIX.format(role="assistant")
         return self.encode(text) if tokenize else text

@@ -59,9 +59,11 @@ class Qwen3MoeArch:
             with open(path) as f:
                 config = json.load(f)
         except FileNotFoundError:
-            raise InputError(f"--hf-dir: no config.json in {hf_dir}; point it at a Hugging Face checkpoint folder")
+            raise InputError(
+                f"--hf-dir: no config.json in {hf_dir}; point it at a Hugging Face checkpoint folder"
+            ) from None
         except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: unreadable ({e}); re-download or re-export the checkpoint")
+            raise InputError(f"{path}: unreadable ({e}); re-download or re-export the checkpoint") from None
         return cls.from_hf_config(config, source=path)
 
     @classmethod
@@ -144,10 +146,11 @@ def transformer_engine_usable() -> bool:
     return True
 
 
-def transformer_config(arch: Qwen3MoeArch, options: ModelOptions = ModelOptions(), **parallel: int):
+def transformer_config(arch: Qwen3MoeArch, options: ModelOptions | None = None, **parallel: int):
     """The Megatron ``TransformerConfig`` for ``arch``; ``parallel`` holds the ``*_model_parallel_size`` values."""
     from megatron.core.transformer import TransformerConfig
 
+    options = options or ModelOptions()
     moe = any(arch.moe_layer_pattern)
     bf16 = options.params_dtype == torch.bfloat16
     fields = dict(
@@ -180,9 +183,7 @@ def transformer_config(arch: Qwen3MoeArch, options: ModelOptions = ModelOptions(
         sequence_parallel=options.sequence_parallel,
         recompute_granularity=options.recompute_granularity,
         recompute_method="uniform" if options.recompute_granularity == "full" else None,
-        recompute_num_layers=(options.recompute_num_layers or 1)
-        if options.recompute_granularity == "full"
-        else None,
+        recompute_num_layers=(options.recompute_num_layers or 1) if options.recompute_granularity == "full" else None,
         variable_seq_lengths=True,
         # CPU initialisation draws each full weight from one generator and then slices it, so a random init is
         # the same model under every layout; on GPU the weights are initialised in place.
@@ -293,11 +294,11 @@ def build_gpt_model(
     )
 
 
-def build_model(arch: Qwen3MoeArch, layout, options: ModelOptions = ModelOptions()) -> list:
+def build_model(arch: Qwen3MoeArch, layout, options: ModelOptions | None = None) -> list:
     """This rank's model chunks (one per virtual stage; we use one) for ``layout``, after parallel init."""
     from megatron.core import parallel_state as ps
 
-    options = dataclasses.replace(options, sequence_parallel=layout.sequence_parallel)
+    options = dataclasses.replace(options or ModelOptions(), sequence_parallel=layout.sequence_parallel)
     config = transformer_config(arch, options, **layout.megatron_kwargs())
     model = build_gpt_model(
         arch,

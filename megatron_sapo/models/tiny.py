@@ -32,12 +32,13 @@ class TinyQwen3MoeSizes:
     tokenizer_vocab_size: int = 250
 
 
-def make_tiny_qwen3_moe(out_dir: str, sizes: TinyQwen3MoeSizes = TinyQwen3MoeSizes(), seed: int = 0) -> str:
+def make_tiny_qwen3_moe(out_dir: str, sizes: TinyQwen3MoeSizes | None = None, seed: int = 0) -> str:
     """Write a random ``Qwen3MoeForCausalLM`` (safetensors + config) and a sentencepiece tokenizer to ``out_dir``."""
     from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from megatron_sapo.data.tokenizer import SentencePieceTokenizer, train_tiny_tokenizer
 
+    sizes = sizes or TinyQwen3MoeSizes()
     if sizes.tokenizer_vocab_size > sizes.vocab_size:
         raise ValueError("tokenizer_vocab_size must not exceed vocab_size")
     os.makedirs(out_dir, exist_ok=True)

@@ -24,6 +24,16 @@ DIST_BACKENDS = ("gloo", "nccl")
 
 
 @dataclass
+class ValidationSampling:
+    """verl's ``rollout.val_kwargs``: how validation prompts are answered (default: one greedy answer each)."""
+
+    n: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1
+
+
+@dataclass
 class RolloutConfig:
     backend: str = "embedded"  # embedded | sglang | external
 
@@ -87,6 +97,9 @@ class RolloutConfig:
     # --- embedded server ---
     embedded_max_batch_size: int = 64  # sequences decoded together
 
+    # Sampling for data.val_files (see trainer.test_freq).
+    val_kwargs: ValidationSampling = field(default_factory=ValidationSampling)
+
     def __post_init__(self):
         # Command-line overrides give a string where a list is meant.
         for name in ("urls", "node_hosts", "extra_server_args"):
@@ -104,6 +117,11 @@ class RolloutConfig:
         _check(self.temperature >= 0, f"rollout.temperature={self.temperature}: must be >= 0 (0: greedy)")
         _check(0 < self.top_p <= 1, f"rollout.top_p={self.top_p}: must be in (0, 1]")
         _check(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k={self.top_k}: use -1 (off) or a positive integer")
+        val = self.val_kwargs
+        _check(isinstance(val.n, int) and val.n >= 1, f"rollout.val_kwargs.n={val.n!r}: must be a positive integer")
+        _check(val.temperature >= 0, f"rollout.val_kwargs.temperature={val.temperature}: must be >= 0 (0: greedy)")
+        _check(0 < val.top_p <= 1, f"rollout.val_kwargs.top_p={val.top_p}: must be in (0, 1]")
+        _check(val.top_k == -1 or val.top_k >= 1, f"rollout.val_kwargs.top_k={val.top_k}: use -1 or a positive integer")
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
         for name in ("tp_size", "ep_size", "dp_size", "num_nodes", "gpus_per_node", "concurrency",
                      "embedded_max_batch_size"):  # fmt: skip
@@ -126,8 +144,11 @@ class RolloutConfig:
             _check(bool(self.urls or self.router_url), "rollout.backend=external needs rollout.urls (or "
                    "rollout.router_url): list the SGLang servers to attach to")  # fmt: skip
         if self.backend == "external" and self.weight_sync == "distributed":
-            _check(bool(self.urls), "rollout.weight_sync=distributed needs rollout.urls (each server joins the "
-                   "broadcast group); a router URL alone is not enough — list the servers, or use weight_sync=disk")
+            _check(
+                bool(self.urls),
+                "rollout.weight_sync=distributed needs rollout.urls (each server joins the "
+                "broadcast group); a router URL alone is not enough — list the servers, or use weight_sync=disk",
+            )
 
     @property
     def bucket_bytes(self) -> int:

@@ -113,14 +113,19 @@ def decode_batch(model, requests: list[DecodeRequest], *, eos_token_ids: frozens
             results[row].finish_reason = {"type": "length", "length": 0}
     step_input, step_positions = input_ids, positions
     while not all(done):
-        logits = model(
-            input_ids=step_input.to(device),
-            attention_mask=mask.to(device),
-            position_ids=step_positions.to(device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_arg: cache},
-        ).logits[:, -1].float().cpu()
+        logits = (
+            model(
+                input_ids=step_input.to(device),
+                attention_mask=mask.to(device),
+                position_ids=step_positions.to(device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_arg: cache},
+            )
+            .logits[:, -1]
+            .float()
+            .cpu()
+        )
         next_tokens = torch.full((batch,), pad_token_id, dtype=torch.long)
         for row, request in enumerate(requests):
             if done[row]:

@@ -62,8 +62,9 @@ def validate_layout(config: RolloutConfig) -> None:
         raise InputError(f"rollout.host={config.host} binds loopback only, which other nodes cannot reach; set "
                          "rollout.host=0.0.0.0 when rollout.num_nodes > 1")  # fmt: skip
     if nodes > 1 and config.port == 0:
-        raise InputError("rollout.port=0 picks free ports on this node only; set a base port when "
-                         "rollout.num_nodes > 1")
+        raise InputError(
+            "rollout.port=0 picks free ports on this node only; set a base port when rollout.num_nodes > 1"
+        )
     if dp > 1 and config.weight_sync == "distributed":
         raise InputError(f"rollout.dp_size={dp} with rollout.weight_sync=distributed: SGLang updates weights "
                          "from a broadcast only with dp_size 1; use weight_sync=disk, or more servers with "

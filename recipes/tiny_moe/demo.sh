@@ -19,13 +19,19 @@ $PYTHON recipes/tiny_moe/warm_start.py --hf-dir "$OUT/tiny" --train-file "$OUT/t
 $PYTHON tools/convert_hf_to_mcore.py --hf-dir "$OUT/warm" --out "$OUT/mcore" --verify
 $PYTHON -m torch.distributed.run --nproc_per_node=2 -m megatron_sapo.train --config recipes/tiny_moe/config.yaml \
     model.path="$OUT/warm" model.mcore_checkpoint="$OUT/mcore" data.train_files="[$OUT/train.jsonl]" \
+    data.val_files="[$OUT/train.jsonl]" \
     trainer.output_dir="$OUT/run" "$@"
 $PYTHON tools/plot_metrics.py "$OUT/run"
 $PYTHON - "$OUT/run" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
-first, last = rows[:10], rows[-10:]
+train = [r for r in rows if "reward/mean" in r]  # step 0 holds only the validation before training
+first, last = train[:10], train[-10:]
 mean = lambda part: sum(r["reward/mean"] for r in part) / len(part)
 print(f"mean reward: first 10 steps {mean(first):.2f} -> last 10 steps {mean(last):.2f}")
+val = [r for r in rows if "val/reward/mean" in r]
+if val:
+    print(f"greedy accuracy on the 36 problems: step {val[0]['step']} {val[0]['val/reward/mean']:.2f} -> "
+          f"step {val[-1]['step']} {val[-1]['val/reward/mean']:.2f}")
 print(f"run folder: {sys.argv[1]} (metrics.jsonl, metrics.png, checkpoints/, hf/)")
 PY

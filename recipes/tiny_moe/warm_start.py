@@ -20,7 +20,9 @@ from megatron_sapo.data import DataConfig, load_prompts, load_tokenizer
 from megatron_sapo.data.arithmetic import reference_response
 
 
-def warm_start(hf_dir: str, train_file: str, out_dir: str, *, steps: int, lr: float, batch_size: int, seed: int) -> None:
+def warm_start(
+    hf_dir: str, train_file: str, out_dir: str, *, steps: int, lr: float, batch_size: int, seed: int
+) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

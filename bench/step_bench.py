@@ -3,7 +3,7 @@
 It reads the ``timing/*`` metrics a run wrote to ``<run>/metrics.jsonl`` (each phase is timed by the trainer on
 rank 0 around the same step), so the shares are measured side by side in one run::
 
-    make demo && python bench/step_breakdown.py outputs/demo/run
+    make demo && python bench/step_bench.py outputs/demo/run
 
 The first ``--skip`` steps are left out: they include one-off warm-up (allocator, thread pools, first sync).
 """
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", nargs="?", default="outputs/demo/run", help="a trainer output folder")
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps to leave out")
     args = parser.parse_args(argv)
-    rows = read_metrics(args.run)[args.skip :]
+    # Training steps only: a step-0 line holds the validation before training.
+    rows = [row for row in read_metrics(args.run) if "timing/update" in row][args.skip :]
     if not rows:
         raise SystemExit(f"error: {args.run}/metrics.jsonl has no steps after the first {args.skip}")
     step_s = [sum(row.get(f"timing/{phase}", 0.0) for phase in PHASES) for row in rows]
