@@ -286,6 +286,9 @@ def test_offload_frees_and_restores_buffers(inputs):
         ("data.max_response_length=4096", "actor.max_tokens_per_micro_batch=2048 is below"),
         ("trainer.resume=/no/such/checkpoint", "trainer.resume='/no/such/checkpoint'"),
         ("model.path=/no/such/model", "model.path=/no/such/model: no such folder"),
+        ("data.val_files=[/no/such/val.jsonl]", "data.val_files: /no/such/val.jsonl does not exist"),
+        ("trainer.test_freq=-1", "trainer.test_freq=-1: must be >= 0"),
+        ("rollout.val_kwargs.temperature=-1", "rollout.val_kwargs.temperature=-1.0: must be >= 0"),
     ],
 )
 def test_bad_config_is_one_clear_error(override, expected, inputs, tmp_path):
