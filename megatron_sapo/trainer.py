@@ -131,9 +131,7 @@ def train(config: Config) -> str:
                 update_metrics = actor.update(samples, _mini_batches(batch["group_index"], config))
 
             # 5. A checkpoint, while the trainer's state is on the GPU (before it is offloaded for the next rollout).
-            if (
-                config.trainer.save_freq and step % config.trainer.save_freq == 0
-            ) or step == config.trainer.total_steps:
+            if _due(config.trainer.save_freq, step, config.trainer.total_steps):
                 _save(actor, stream, step, checkpoints, config)
 
             # 6. The rollout engine gets the new weights; then it has the GPU again.
@@ -152,7 +150,7 @@ def train(config: Config) -> str:
             num_tokens = sum(samples.lengths())
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
             metrics["perf/tokens_per_s"] = num_tokens / max(sum(timings.values()), 1e-9)
-            if val_prompts and is_rank0() and _validation_due(config.trainer, step):
+            if val_prompts and is_rank0() and _due(config.trainer.test_freq, step, config.trainer.total_steps):
                 with _timer(timings, "validation"):
                     metrics.update(_validate(config, val_prompts, engine, rewards, tokenizer))
                 metrics["timing/validation"] = timings["validation"]
@@ -257,8 +255,9 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
     }
 
 
-def _validation_due(trainer, step: int) -> bool:
-    return step == trainer.total_steps or bool(trainer.test_freq and step % trainer.test_freq == 0)
+def _due(freq: int, step: int, total_steps: int) -> bool:
+    """Checkpoints and validation: every ``freq`` steps (0: never) and after the last step."""
+    return step == total_steps or bool(freq and step % freq == 0)
 
 
 def _validate(config, prompts, engine, rewards, tokenizer) -> dict[str, float]:
