@@ -246,14 +246,23 @@ def test_offloaded_run_equals_reference(reference_run, inputs, tmp_path):
         assert torch.equal(offloaded[name], reference[name]), name
 
 
-def test_tensor_parallel_run_agrees_with_expert_parallel_reference(reference_run, inputs, tmp_path):
-    """TP=2 (ETP=2, sequence parallel) and EP=2 sample the same first batch from the same initial weights, so
-    their first update must agree up to float32 reduction order."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # TP=2 with sequence parallel; the experts split by ETP=2 (megatron-core never reduces expert grads with
+        # EP=1 and ETP<TP, which the layout check rejects).
+        ("tensor_model_parallel_size=2", "expert_model_parallel_size=1", "expert_tensor_parallel_size=2"),
+        ("pipeline_model_parallel_size=2", "expert_model_parallel_size=1"),
+    ],
+    ids=["tp2", "pp2"],
+)
+def test_other_layouts_agree_with_expert_parallel_reference(layout, reference_run, inputs, tmp_path):
+    """Every layout samples the same first batch from the same initial weights, so its first update and the
+    validation after it must agree with the EP=2 reference up to float32 reduction order."""
     out = str(tmp_path / "run")
     _train(_overrides(
-        inputs, out, "actor.megatron.tensor_model_parallel_size=2", "actor.megatron.expert_model_parallel_size=1",
-        "actor.megatron.expert_tensor_parallel_size=2", "trainer.total_steps=1", "trainer.save_freq=0",
-        "trainer.export_hf_at_end=false",
+        inputs, out, *[f"actor.megatron.{setting}" for setting in layout], "trainer.total_steps=1",
+        "trainer.save_freq=0", "trainer.export_hf_at_end=false",
     ))  # fmt: skip
     rows = _metrics(out)
     assert [row["step"] for row in rows] == [0, 1]
