@@ -191,15 +191,7 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
             max_new_tokens=config.data.max_response_length,
         )
         round_index += 1
-        scores, info = rewards.compute_rewards(
-            [
-                RewardSample(
-                    tokenizer.decode(s.response_ids, skip_special_tokens=True), p.label, p.data_source, p.extra_info
-                )
-                for p, group in zip(prompts, outputs)
-                for s in group
-            ]
-        )
+        scores, info = _score(rewards, tokenizer, [(p, s) for p, group in zip(prompts, outputs) for s in group])
         for key in ("num_errors", "num_timeouts"):
             metrics[f"reward/{key}"] = metrics.get(f"reward/{key}", 0.0) + info[key]
         return [
@@ -255,6 +247,14 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
     }
 
 
+def _score(rewards, tokenizer, responses: list) -> tuple[list[float], dict]:
+    """Rewards of ``(prompt, sample)`` pairs, each response decoded without special tokens."""
+    return rewards.compute_rewards(
+        [RewardSample(tokenizer.decode(s.response_ids, skip_special_tokens=True), p.label, p.data_source, p.extra_info)
+         for p, s in responses]
+    )  # fmt: skip
+
+
 def _due(freq: int, step: int, total_steps: int) -> bool:
     """Checkpoints and validation: every ``freq`` steps (0: never) and after the last step."""
     return step == total_steps or bool(freq and step % freq == 0)
@@ -267,10 +267,7 @@ def _validate(config, prompts, engine, rewards, tokenizer) -> dict[str, float]:
     outputs = engine.generate([p.prompt_ids for p in prompts], n=val.n, seed=config.trainer.seed, sampling=sampling,
                               max_new_tokens=config.data.max_response_length)  # fmt: skip
     responses = [(p, s) for p, group in zip(prompts, outputs) for s in group]
-    scores, _ = rewards.compute_rewards(
-        [RewardSample(tokenizer.decode(s.response_ids, skip_special_tokens=True), p.label, p.data_source, p.extra_info)
-         for p, s in responses]
-    )  # fmt: skip
+    scores, _ = _score(rewards, tokenizer, responses)
     metrics = {
         "val/reward/mean": sum(scores) / len(scores),
         "val/response_length/mean": sum(len(s.response_ids) for _, s in responses) / len(responses),

@@ -113,15 +113,8 @@ class RolloutConfig:
         _choice("weight_sync", self.weight_sync, WEIGHT_SYNC_MODES)
         if self.dist_backend is not None:
             _choice("dist_backend", self.dist_backend, DIST_BACKENDS)
-        _check(isinstance(self.n, int) and self.n >= 1, f"rollout.n={self.n!r}: must be a positive integer")
-        _check(self.temperature >= 0, f"rollout.temperature={self.temperature}: must be >= 0 (0: greedy)")
-        _check(0 < self.top_p <= 1, f"rollout.top_p={self.top_p}: must be in (0, 1]")
-        _check(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k={self.top_k}: use -1 (off) or a positive integer")
-        val = self.val_kwargs
-        _check(isinstance(val.n, int) and val.n >= 1, f"rollout.val_kwargs.n={val.n!r}: must be a positive integer")
-        _check(val.temperature >= 0, f"rollout.val_kwargs.temperature={val.temperature}: must be >= 0 (0: greedy)")
-        _check(0 < val.top_p <= 1, f"rollout.val_kwargs.top_p={val.top_p}: must be in (0, 1]")
-        _check(val.top_k == -1 or val.top_k >= 1, f"rollout.val_kwargs.top_k={val.top_k}: use -1 or a positive integer")
+        _check_sampling("rollout.", self)
+        _check_sampling("rollout.val_kwargs.", self.val_kwargs)
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
         for name in ("tp_size", "ep_size", "dp_size", "num_nodes", "gpus_per_node", "concurrency",
                      "embedded_max_batch_size"):  # fmt: skip
@@ -153,6 +146,15 @@ class RolloutConfig:
     @property
     def bucket_bytes(self) -> int:
         return max(1, int(self.bucket_size_mb * 2**20))
+
+
+def _check_sampling(prefix: str, sampling) -> None:
+    """``n``, ``temperature``, ``top_p``, ``top_k`` of the training or the validation sampling."""
+    n, temperature, top_p, top_k = sampling.n, sampling.temperature, sampling.top_p, sampling.top_k
+    _check(isinstance(n, int) and n >= 1, f"{prefix}n={n!r}: must be a positive integer")
+    _check(temperature >= 0, f"{prefix}temperature={temperature}: must be >= 0 (0: greedy)")
+    _check(0 < top_p <= 1, f"{prefix}top_p={top_p}: must be in (0, 1]")
+    _check(top_k == -1 or top_k >= 1, f"{prefix}top_k={top_k}: use -1 (off) or a positive integer")
 
 
 def _check(condition: bool, message: str) -> None:
