@@ -25,9 +25,11 @@ setup(
         "aiohttp>=3.9",  # the rollout client and the embedded rollout server
     ],
     extras_require={
-        # GPU clusters only: sglang pins its own torch/CUDA stack. Transformer Engine and NVIDIA apex come
-        # from the NGC PyTorch container or from source; PyPI's "apex" is an unrelated project.
-        "sglang": ["sglang[srt]"],
+        # GPU clusters only, in a venv of its own: sglang pins its own torch/CUDA stack (0.5.23: torch==2.14.1).
+        # The one release the rollout code is written and tested against (tests/test_sglang_conformance.py reads
+        # its source); 0.5.23 has no "srt" extra. Transformer Engine and NVIDIA apex come from the NGC PyTorch
+        # container or from source; PyPI's "apex" is an unrelated project.
+        "sglang": ["sglang==0.5.23"],
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-sapo=megatron_sapo.cli:main"]},

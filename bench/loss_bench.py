@@ -23,12 +23,19 @@ no allocator statistics, it is the running sum of the profiler's allocation/free
 over the same region, in time order: every tensor allocated and freed inside it is counted, nothing before it.
 Times are medians over ``--iters`` runs, the methods taking turns; on CPU glibc is told to keep freed memory
 (``keep_freed_memory``) so that, as with a GPU's caching allocator, a fresh buffer costs no page faults.
+
+The header names the hardware: on CPU the model and whether it has AVX-512 and native bf16 arithmetic
+(``avx512_bf16``/``amx_bf16``), which decide how fast bf16 logits are read and converted; on GPU its name and HBM peak.
+"Achieved GB/s" counts the bytes a fused forward + backward must at least move, three times the shard (read the
+logits in forward and in backward, write their gradient), over the measured time. ``--profile`` adds the top
+operators of ours and megatron's, by self time; ``--json PATH`` writes the numbers (bench/gpu_smoke.py reads them).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import statistics
 import time
@@ -80,7 +87,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--gather-iters", type=int, default=1, help="timed runs of the (much slower) gather baseline, no warm-up"
     )
+    parser.add_argument("--profile", action="store_true", help="print the top operators of ours and megatron's")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     return parser.parse_args()
+
+
+# HBM bandwidth by GPU name (vendor data sheets, TB/s); unknown GPUs print no share of peak.
+HBM_PEAK_TBPS = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.56}
+
+
+def hardware() -> tuple[str, float | None]:
+    """One line naming the device the benchmark ran on, and its memory bandwidth peak in bytes/s (GPU only)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((tbps for key, tbps in HBM_PEAK_TBPS.items() if key in name), None)
+        return f"GPU: {name}, HBM peak {f'{peak} TB/s' if peak else 'unknown'}", peak and peak * 1e12
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    has = {flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+    listed = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in has.items())
+    return (f"CPU: {model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads/rank; {listed}; "
+            f"torch kernels {torch.backends.cpu.get_cpu_capability()}"), None  # fmt: skip
 
 
 def main() -> None:
@@ -177,8 +213,17 @@ def main() -> None:
         max_diff = (log_probs.float() - reference).abs().max()
         results[name] = (max_across_ranks(seconds[name]), max_across_ranks(peak), max_across_ranks(max_diff))
 
+    if args.profile:
+        profiles = {name: top_operators(methods[name], base, device) for name in ("ours_inplace", "megatron")}
     if dist.get_rank() == 0:
-        report(args, tp, tokens, local_vocab, padded_vocab, shard_bytes, results)
+        line, peak_bandwidth = hardware()
+        print(line)
+        report(args, tp, tokens, local_vocab, padded_vocab, shard_bytes, results, peak_bandwidth)
+        if args.profile:
+            for name, table in profiles.items():
+                print(f"--- {name}: top operators by self time (rank 0, one run) ---\n{table}")
+        if args.json:
+            write_json(args.json, tokens, local_vocab, shard_bytes, results, peak_bandwidth)
         if not allocator_caches:
             print("note: freed CPU memory goes back to the OS, so times include page faults on fresh buffers")
     parallel_state.destroy_model_parallel()
@@ -249,16 +294,42 @@ def max_across_ranks(value: float | int | torch.Tensor) -> float:
     return tensor.item()
 
 
-def report(args, tp, tokens, local_vocab, padded_vocab, shard_bytes, results) -> None:
+def top_operators(method: Step, base: torch.Tensor, device: torch.device, rows: int = 8) -> str:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        method(base.clone().requires_grad_())
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40)
+
+
+def achieved_gbps(seconds: float, shard_bytes: int) -> float:
+    return 3 * shard_bytes / seconds / 1e9
+
+
+def write_json(path, tokens, local_vocab, shard_bytes, results, peak_bandwidth) -> None:
+    methods = {name: {"ms": seconds * 1e3, "peak_extra_bytes": peak, "max_diff": diff,
+                      "gbps": achieved_gbps(seconds, shard_bytes)}
+               for name, (seconds, peak, diff) in results.items()}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump({"shape": f"[{tokens}, {local_vocab}]", "shard_bytes": shard_bytes, "hbm_peak": peak_bandwidth,
+                   "hardware": hardware()[0], "methods": methods}, f, indent=1)  # fmt: skip
+
+
+def report(args, tp, tokens, local_vocab, padded_vocab, shard_bytes, results, peak_bandwidth=None) -> None:
     mib = 2**20
     print(
         f"TP={tp} tokens={tokens} vocab={args.vocab} (padded {padded_vocab}, {local_vocab}/rank) "
         f"logits={args.dtype} chunk={args.chunk_size or 'none'} entropy={args.entropy} iters={args.iters}; "
         f"shard = {shard_bytes / mib:.1f} MiB/rank"
     )
-    print(f"{'method':<14}{'fwd+bwd ms':>12}{'peak extra MiB':>16}{'/ shard':>9}{'max |logp - full log_softmax|':>31}")
+    print(f"{'method':<14}{'fwd+bwd ms':>12}{'peak extra MiB':>16}{'/ shard':>9}{'max |logp - full log_softmax|':>31}"
+          f"{'GB/s':>8}" + (f"{'% peak':>8}" if peak_bandwidth else ""))  # fmt: skip
     for name, (seconds, peak, diff) in results.items():
-        print(f"{name:<14}{seconds * 1e3:>12.1f}{peak / mib:>16.1f}{peak / shard_bytes:>9.2f}{diff:>31.2e}")
+        gbps = achieved_gbps(seconds, shard_bytes)
+        share = f"{100 * gbps * 1e9 / peak_bandwidth:>8.1f}" if peak_bandwidth else ""
+        print(f"{name:<14}{seconds * 1e3:>12.1f}{peak / mib:>16.1f}{peak / shard_bytes:>9.2f}{diff:>31.2e}"
+              f"{gbps:>8.1f}{share}")  # fmt: skip
     megatron, gather = results["megatron"], results["gather"]
     for name in ("ours", "ours_inplace"):
         seconds, peak, _ = results[name]

@@ -7,6 +7,7 @@ Per-token results (log-probs) come back on every rank for the samples of its dat
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 
 import torch
@@ -23,8 +24,10 @@ from megatron_sapo.batch import (
 from megatron_sapo.config import Config
 from megatron_sapo.convert.megatron_io import export_hf_weights, load_hf_weights, unwrap_model
 from megatron_sapo.loss import loss_denominator, policy_loss, vocab_parallel_log_probs
-from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_model
+from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_model, transformer_engine_usable
+from megatron_sapo.models.routing_replay import RoutingReplay
 from megatron_sapo.parallel import offload
+from megatron_sapo.parallel.cpu_device import device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Each rank writes its own optimizer shard, in parallel and without gathering (megatron-core 0.16's torch_dist
@@ -36,6 +39,85 @@ TOKEN_MEAN_METRICS = ("ratio_mean", "grad_weight_mean", "grad_weight_low_frac", 
                       "tis_capped_frac")  # fmt: skip
 
 
+def rng_sharded_object():
+    """This rank's RNG states (torch CPU, CUDA, Megatron's tracker) as a ShardedObject that survives a DP change.
+
+    Megatron's RNG streams depend on a rank's model-parallel position (PP, TP, EP, expert-TP rank), not on its
+    data-parallel rank, so the object is keyed by that position and the data-parallel copies are replicas: a resume
+    with the same layout gets every rank's own state back, one with another DP size (which the ``dp_reshardable``
+    optimizer format allows) gets the state of its model-parallel position. Collective (the replica numbering)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    position = (
+        (ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()),
+        (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()),
+        (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+    )
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, position)
+    replica = everyone[: dist.get_rank()].count(position)
+    # One shard per distinct position: TP and EP ranks can move together (TP=2 with EP=2 on 2 ranks), so the full
+    # PP×TP×EP×ETP grid would have shards nobody writes, and dist_checkpointing refuses an incomplete grid.
+    positions = sorted(set(everyone))
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state_by_model_parallel_rank", state, (len(positions),),
+                         (positions.index(position),), replica_id=replica)  # fmt: skip
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def optimizer_config(config: Config):
+    """Megatron's ``OptimizerConfig`` for ``actor.optim`` and ``actor.megatron.optimizer_cpu_offload``.
+
+    The hybrid CPU optimizer runs through the precision-aware path: the fp32 main params live with the optimizer
+    (on the host for the offloaded fraction) instead of beside the model on the GPU, and it keeps them whole
+    (``store_param_remainders`` is TE FusedAdam's). megatron-core 0.16's ``OptimizerConfig.__post_init__`` asks
+    Transformer Engine's version on that path only to decide ``store_param_remainders`` and fails when TE is not
+    installed (``is_te_min_version``); without TE the three fields are set here as it would set them."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    optim, megatron = config.actor.optim, config.actor.megatron
+    dtype = DTYPES[config.model.dtype]
+    hybrid = megatron.optimizer_cpu_offload
+    te = transformer_engine_usable()
+    result = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=True,
+        optimizer_cpu_offload=hybrid,
+        optimizer_offload_fraction=megatron.optimizer_offload_fraction,
+        use_precision_aware_optimizer=hybrid and te,
+        store_param_remainders=False,
+    )
+    if hybrid and not te:
+        result.use_precision_aware_optimizer = True
+        result.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
+    return result
+
+
 class MegatronActor:
     def __init__(self, config: Config, arch: Qwen3MoeArch):
         from megatron.core.distributed import (
@@ -43,13 +125,15 @@ class MegatronActor:
             DistributedDataParallelConfig,
             finalize_model_grads,
         )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.config, self.arch = config, arch
         megatron = config.actor.megatron
         self.layout = megatron.layout
         dtype = DTYPES[config.model.dtype]
+        te = megatron.use_transformer_engine
+        te = transformer_engine_usable() if te is None else te
         self.model_options = ModelOptions(
             params_dtype=dtype,
             moe_aux_loss_coeff=megatron.moe_aux_loss_coeff,
@@ -58,34 +142,36 @@ class MegatronActor:
             recompute_granularity=megatron.recompute_granularity,
             recompute_num_layers=megatron.recompute_num_layers,
             use_transformer_engine=megatron.use_transformer_engine,
+            fused_kernels=torch.cuda.is_available() and te,
+            # Replay needs it; with replay off the routers only record, for rollout/router_agreement.
+            moe_enable_routing_replay=any(arch.moe_layer_pattern),
         )
         chunks = build_model(arch, self.layout, self.model_options)
+        self.routing_replay = RoutingReplay(chunks) if any(arch.moe_layer_pattern) else None
         model_config = chunks[0].config
         model_config.finalize_model_grads_func = finalize_model_grads
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-        self.model = [DistributedDataParallel(model_config, ddp_config, chunk) for chunk in chunks]
-        optim = config.actor.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=optim.lr,
-                min_lr=optim.min_lr,
-                weight_decay=optim.weight_decay,
-                adam_beta1=optim.adam_beta1,
-                adam_beta2=optim.adam_beta2,
-                adam_eps=optim.adam_eps,
-                clip_grad=optim.clip_grad,
-                bf16=dtype == torch.bfloat16,
-                params_dtype=dtype,
-                use_distributed_optimizer=True,
-                optimizer_cpu_offload=megatron.optimizer_cpu_offload,
-                optimizer_offload_fraction=megatron.optimizer_offload_fraction,
-                # Megatron's hybrid CPU optimizer runs through this path; it also keeps the fp32 main params
-                # with the optimizer state instead of beside the model on the GPU.
-                use_precision_aware_optimizer=megatron.optimizer_cpu_offload,
-            ),
-            self.model,
+        # On GPU the gradient reduce-scatter overlaps the backward pass and the parameter all-gather the next
+        # forward pass (Megatron-LM's --overlap-grad-reduce/--overlap-param-gather); neither needs TE.
+        overlap = torch.cuda.is_available()
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=True,
+            overlap_grad_reduce=overlap,
+            overlap_param_gather=overlap,
         )
+        self.model = [DistributedDataParallel(model_config, ddp_config, chunk) for chunk in chunks]
+        if overlap:
+            # Megatron's schedules hold the grad reduce back until the last micro-batch through no_sync_func.
+            model_config.no_sync_func = self.model[0].no_sync
+        self.optimizer = get_megatron_optimizer(optimizer_config(config), self.model)
+        if megatron.optimizer_cpu_offload:
+            # megatron-core builds the hybrid optimizer twice: from the model's params in get_megatron_optimizer,
+            # then from their shards in DistributedOptimizer. The first, with fp32 host copies of all of this
+            # rank's params, is held only by reference cycles (its step hooks): free it now, not at some later
+            # garbage collection.
+            gc.collect()
+        self._optimizer_host_copies = None  # offload.HostCopies, allocated at the first offload
+        optim = config.actor.optim
         steps = config.trainer.total_steps * self.optimizer_steps_per_training_step
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -105,7 +191,9 @@ class MegatronActor:
         if config.actor.use_kl_loss:
             self.reference = build_model(arch, self.layout, self.model_options)
             for chunk in self.reference:
-                chunk.requires_grad_(False)
+                # DDP moves the policy's parameters into its device buffers; nothing moves the reference's, and
+                # our RMSNorm (the spec without TE) creates its weight on the CPU.
+                chunk.to(device()).requires_grad_(False)
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
@@ -128,6 +216,9 @@ class MegatronActor:
                 reader = HFCheckpointReader(self.config.model.path)
                 reader.validate(self.arch)
                 load_hf_weights(chunks, reader, self.arch)
+        # The optimizer took its fp32 main params (and the hybrid optimizer its host copies) from the random
+        # init when it was built; in bf16 they are copies, and the first step would write them back.
+        self.optimizer.reload_model_params()
 
     # --- forward passes -------------------------------------------------------------------------------------------
 
@@ -152,23 +243,43 @@ class MegatronActor:
     def _device(self) -> torch.device:
         return next(self.model[0].parameters()).device
 
-    def _run_schedule(self, model, micro_batches: list[MicroBatch], loss_func, forward_only: bool) -> list[dict]:
+    def _run_schedule(
+        self, model, micro_batches: list[MicroBatch], loss_func, forward_only: bool, used_routing: list | None = None
+    ) -> list[dict]:
+        """Megatron's schedule over ``micro_batches``. On the policy, micro-batches with ``replay_routing`` replay it
+        (forward and recompute); the others route naturally. ``used_routing`` collects ``(indices, routing)`` of
+        each micro-batch's forward (recorded, or replayed)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        routing = self.routing_replay if model is self.model and self.routing_replay is not None else None
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
+            if routing is not None:
+                if batch.replay_routing is not None:
+                    routing.replay(batch.replay_routing, batch.tokens.shape[1])
+                elif used_routing is not None:
+                    routing.record()
             logits = chunk(input_ids=batch.tokens, position_ids=batch.positions, attention_mask=None)
+            if routing is not None and used_routing is not None:
+                used_routing.append((batch.indices, routing.recorded(*batch.tokens.shape)))
+            if routing is not None and batch.replay_routing is not None:
+                routing.replay_recompute_after(logits)
             return logits, partial(loss_func, batch)
 
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=model,
-            num_microbatches=len(micro_batches),
-            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(micro_batches),
+                model=model,
+                num_microbatches=len(micro_batches),
+                seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+                micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+                forward_only=forward_only,
+            )
+        finally:
+            if routing is not None:
+                routing.stop()
 
     def _response_log_probs(self, batch: MicroBatch, logits: torch.Tensor, *, training: bool = False):
         """Log-probs of the response tokens (and, when training, the entropy) at the rollout temperature."""
@@ -192,7 +303,10 @@ class MegatronActor:
     def compute_log_probs(self, samples: Samples, *, reference: bool = False) -> torch.Tensor:
         """Response log-probs ``[n, R]`` of every sample under the current (or the reference) policy, on every rank.
 
-        Each DP rank computes its share; the rows are disjoint, so a sum over DP assembles the whole batch.
+        Each DP rank computes its share; the rows are disjoint, so a sum over DP assembles the whole batch. On the
+        policy of an MoE model, ``samples.replay_routing`` (when set) is replayed; with the engine's routing at hand,
+        ``samples.extra["router_agreement"]`` says how much of it this pass used; with ``actor.router_replay.mode``
+        R2, ``samples.trainer_routing`` becomes the routing this pass used.
         """
         from megatron.core import parallel_state as ps
 
@@ -205,7 +319,14 @@ class MegatronActor:
         def loss_func(batch, logits):
             return logits.sum() * 0, {"log_probs": self._response_log_probs(batch, logits)}
 
-        outputs = self._run_schedule(model, micro_batches, loss_func, forward_only=True)
+        routing = self.routing_replay if not reference else None
+        r2 = self.config.actor.router_replay.mode == "R2"
+        used = [] if routing is not None and (r2 or samples.routed_experts is not None) else None
+        outputs = self._run_schedule(model, micro_batches, loss_func, forward_only=True, used_routing=used)
+        if used is not None and samples.routed_experts is not None:
+            samples.extra["router_agreement"] = routing.agreement(used, samples.routed_experts, samples.lengths())
+        if used is not None and r2:  # every rank may update on any sample: they all get the whole batch's
+            samples.trainer_routing = routing.gather_per_sample(used, samples.lengths(), self.arch.num_layers)
         result = torch.zeros(len(samples), samples.max_response_len, device=self._device)
         if ps.is_pipeline_last_stage():
             for batch, output in zip(micro_batches, outputs):
@@ -236,7 +357,7 @@ class MegatronActor:
                 part = samples.select(mini_batch)
                 indices = self._my_share(part)
                 micro_batches = self._micro_batches(part, indices)
-                denominator = sum(loss_denominator(mb.response_mask, actor.loss_agg_mode) for mb in micro_batches)
+                denominator = sum(loss_denominator(mb.loss_mask, actor.loss_agg_mode) for mb in micro_batches)
                 denominator = torch.as_tensor(denominator, dtype=torch.float32, device=self._device)
                 dist.all_reduce(denominator, group=ps.get_data_parallel_group())
                 # Megatron divides each micro-batch loss by their count and DDP averages over DP ranks; the
@@ -254,6 +375,11 @@ class MegatronActor:
                 metrics.update(grad_norm=float(grad_norm or 0.0), lr=self.optimizer.param_groups[0]["lr"])
                 metrics["update_skipped"] = float(not success)
                 step_metrics.append(metrics)
+        if self.model[0].ddp_config.overlap_param_gather:
+            # The all-gather of the updated params would wait for the next forward pass; the checkpoint and the
+            # weight sync read them before that.
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
         return {key: sum(m[key] for m in step_metrics) / len(step_metrics) for key in step_metrics[0]}
 
     def _loss(self, batch: MicroBatch, logits: torch.Tensor, *, denominator, scale):
@@ -270,10 +396,11 @@ class MegatronActor:
             log_probs=log_probs,
             old_log_probs=tokens["old_log_probs"],
             advantages=tokens["advantages"],
-            response_mask=batch.response_mask,
+            response_mask=batch.loss_mask,
             loss_agg_mode=actor.loss_agg_mode,
             rollout_log_probs=tokens.get("rollout_log_probs") if actor.tis_cap is not None else None,
             tis_cap=actor.tis_cap or 1.0,
+            rollout_is_weights=tokens.get("rollout_is_weights"),
             ref_log_probs=tokens.get("ref_log_probs") if actor.use_kl_loss else None,
             kl_coef=actor.kl_loss_coef if actor.use_kl_loss else 0.0,
             kl_type=actor.kl_loss_type,
@@ -326,19 +453,16 @@ class MegatronActor:
 
     def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
         """Model, optimizer, LR scheduler and this rank's RNG states, as one Megatron sharded state dict."""
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
         # The bare model's keys (no DDP "module." prefix): a trainer checkpoint reads like a converted one, so
         # tools/convert_mcore_to_hf.py exports it and model.mcore_checkpoint can start from it.
         model_state = unwrap_model(self.model[0]).sharded_state_dict()
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         return {
             "model": model_state,
             "optimizer": self.optimizer.sharded_state_dict(
                 model_state, is_loading=is_loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT
             ),
             "scheduler": self.scheduler.state_dict(),
-            "rng": ShardedObject("rng_state", rng, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0),
+            "rng": rng_sharded_object(),
         }
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
@@ -349,10 +473,29 @@ class MegatronActor:
         unwrap_model(self.model[0]).load_state_dict(state["model"])
         with torch.no_grad():  # fp32 main params are views of the model's parameters, which require grad
             self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_adam_steps()
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
+
+    def _restore_adam_steps(self) -> None:
+        """Give every parameter its own Adam ``step`` tensor, holding the step count the checkpoint saved.
+
+        megatron-core 0.16.1 saves torch Adam's step once per param group (``DistributedOptimizer.state_dict``) and,
+        without apex/TE, loads it wrong twice over: ``load_state_dict`` puts ONE tensor into every parameter's state
+        (``s["step"] = step``), and the ``dp_reshardable`` loader then copies into it the step the state had when
+        ``sharded_state_dict(is_loading=True)`` was built, i.e. 0. torch's Adam adds 1 to each parameter's step in
+        place, so the shared tensor would count parameters instead of steps: bias correction restarts and then
+        runs as many times too fast as there are parameters. The saved count survives in the param groups."""
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = optimizer.optimizer
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    state = inner.state.get(param)
+                    if not state or "step" not in state:
+                        continue
+                    old = state["step"]
+                    value = group["step"] if group.get("step") is not None else float(old)
+                    state["step"] = torch.tensor(float(value), dtype=old.dtype, device=old.device)
 
     def _allocate_torch_optimizer_state(self) -> None:
         """Give torch's Adam its per-parameter state (zeros, step 0) before a resume fills it in.
@@ -372,15 +515,16 @@ class MegatronActor:
                     param_state["step"] = torch.tensor(0.0)
 
     def offload(self) -> None:
+        """The optimizer's own device tensors first (see ``parallel/offload.py``), then the param/grad buffers."""
         megatron = self.config.actor.megatron
+        if megatron.optimizer_offload:
+            self._optimizer_host_copies = offload.offload_optimizer(self.optimizer, self._optimizer_host_copies)
         if megatron.param_offload or megatron.grad_offload:
             offload.offload_params_and_grads(self.model, params=megatron.param_offload, grads=megatron.grad_offload)
-        if megatron.optimizer_offload:
-            offload.offload_optimizer(self.optimizer)
 
     def reload(self) -> None:
         megatron = self.config.actor.megatron
         if megatron.param_offload or megatron.grad_offload:
             offload.reload_params_and_grads(self.model, params=megatron.param_offload, grads=megatron.grad_offload)
         if megatron.optimizer_offload:
-            offload.reload_optimizer(self.optimizer)
+            offload.reload_optimizer(self._optimizer_host_copies)

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-PER_TOKEN_FIELDS = ("advantages", "old_log_probs", "ref_log_probs", "rollout_log_probs")
+# rollout_is_weights and loss_mask come from algorithm.rollout_correction (importance weights, rejection).
+PER_TOKEN_FIELDS = ("advantages", "old_log_probs", "ref_log_probs", "rollout_log_probs", "rollout_is_weights",
+                    "loss_mask")  # fmt: skip
+ROUTING_FIELDS = ("routed_experts", "replay_routing", "trainer_routing")
 
 
 @dataclass
@@ -22,6 +25,14 @@ class Samples:
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     rollout_log_probs: torch.Tensor | None = None
+    rollout_is_weights: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None  # response tokens that stay in the loss (1) after rejection sampling
+    # MoE routing per sample, [positions, num_hidden_layers, top_k] (models/routing_replay.py): the rollout
+    # engine's, the one the trainer replays (R3: the engine's, R2: its own old-log-prob pass's), and the one the
+    # trainer's old-log-prob pass used.
+    routed_experts: list[torch.Tensor] | None = None
+    replay_routing: list[torch.Tensor] | None = None
+    trainer_routing: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -43,11 +54,16 @@ class Samples:
         picked = {
             name: getattr(self, name)[indices] if getattr(self, name) is not None else None for name in PER_TOKEN_FIELDS
         }
+        routings = {
+            name: [getattr(self, name)[i] for i in indices] if getattr(self, name) is not None else None
+            for name in ROUTING_FIELDS
+        }
         return replace(
             self,
             prompt_ids=[self.prompt_ids[i] for i in indices],
             response_ids=[self.response_ids[i] for i in indices],
             **picked,
+            **routings,
         )
 
 
@@ -112,6 +128,14 @@ class MicroBatch:
     response_index: torch.Tensor  # [b, R] position whose logits predict response token j
     response_mask: torch.Tensor  # [b, R]
     per_token: dict[str, torch.Tensor]  # PER_TOKEN_FIELDS present, [b, R]
+    replay_routing: list[torch.Tensor] | None = None  # per row, for routing replay
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """The response tokens the loss counts: ``response_mask`` less those rejection sampling dropped."""
+        if "loss_mask" in self.per_token:
+            return self.response_mask * self.per_token["loss_mask"]
+        return self.response_mask
 
 
 def make_micro_batch(samples: Samples, indices: list[int], pad_multiple: int, device) -> MicroBatch:
@@ -138,4 +162,5 @@ def make_micro_batch(samples: Samples, indices: list[int], pad_multiple: int, de
         response_index=response_index.to(device),
         response_mask=part.response_mask(width).to(device),
         per_token=per_token,
+        replay_routing=part.replay_routing,
     )

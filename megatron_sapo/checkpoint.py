@@ -1,7 +1,14 @@
 """Megatron distributed checkpoints (torch_dist format), written atomically.
 
 A checkpoint is written into ``<dir>.tmp`` and renamed to ``<dir>`` only after every rank has finished, so a
-run killed while saving never leaves a half-written ``<dir>``: either the old one or the new one is there.
+run killed while saving never leaves a half-written ``<dir>``: either the old one or the new one is there. The last
+file written before the rename is ``manifest.json`` (every file and its size): a checkpoint is trusted only when its
+files match it (:func:`checkpoint_problem`), which catches a shard truncated or lost after the fact. Saves check
+the free space first and turn a failed write (a full disk) into one :class:`RunError` line, the partial folder
+removed. Saves go through megatron's fully-parallel wrapper over the data-parallel group (the replicas of a tensor
+share its writing, so no rank writes more than its share); loads can (``fully_parallel=True``) but do not by default:
+on CPU/gloo that made loads 1.1-2.7x slower (bench/checkpoint_bench.py), and it only saves reads of replicated
+tensors, a few percent of a checkpoint whose bulk is the data-parallel-sharded optimizer state.
 
 megatron-core's writer forks worker processes and waits on a queue for them; a worker that dies (it imports
 ``psutil``, for one) would leave the parent waiting forever. :func:`save_sharded` therefore runs the save under
@@ -11,6 +18,7 @@ a watchdog that turns a dead writer process or an overdue save into an error.
 from __future__ import annotations
 
 import faulthandler
+import json
 import multiprocessing
 import os
 import shutil
@@ -20,9 +28,10 @@ import time
 
 import torch.distributed as dist
 
-from megatron_sapo.errors import InputError
+from megatron_sapo.errors import InputError, RunError
 
-METADATA_FILE = "metadata.json"  # written last by megatron's dist_checkpointing.save
+METADATA_FILE = "metadata.json"  # written by megatron's dist_checkpointing.save once the shards are
+MANIFEST_FILE = "manifest.json"  # every file of the checkpoint and its size, written last (before the rename)
 
 
 def _barrier():
@@ -72,29 +81,200 @@ class _SaveWatchdog:
 
 
 def save_sharded(
-    sharded_state_dict: dict, ckpt_dir: str, *, extra_files: dict[str, str] | None = None, timeout_s: float = 3600.0
+    sharded_state_dict: dict,
+    ckpt_dir: str,
+    *,
+    extra_files: dict[str, str] | None = None,
+    timeout_s: float = 3600.0,
+    fully_parallel: bool = True,
+    expected_bytes: int | None = None,
 ) -> None:
     """Collective: save a Megatron sharded state dict to ``ckpt_dir`` atomically (an existing one is replaced).
 
-    ``extra_files`` (name → text) are written by rank 0 into the checkpoint folder before it is published.
+    ``extra_files`` (name → text) are written by rank 0 into the checkpoint folder before it is published; the
+    manifest (every file and its size) is written last, so a checkpoint is complete exactly when its manifest says so.
+    Raises :class:`RunError` on every rank, with the partial folder removed, when the disk has too little room
+    (checked before writing, against ``expected_bytes``, e.g. the size of the run's previous checkpoint, or else an
+    estimate from the tensors) or the save fails.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     tmp_dir = ckpt_dir + ".tmp"
+    estimate = _all_ranks_sum(_bytes_to_write(sharded_state_dict))  # collective: on every rank, whatever the case
+    needed = expected_bytes or estimate
+    verdict = None
     if _rank() == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir)
+        os.makedirs(os.path.dirname(ckpt_dir), exist_ok=True)
+        shortage = _space_shortage(os.path.dirname(ckpt_dir), needed, _files_to_write())
+        if shortage:
+            verdict = _disk_full_message(ckpt_dir, shortage, "nothing was written")
+        else:
+            os.makedirs(tmp_dir)
+    verdict = _from_rank0(verdict)
+    if verdict:
+        raise RunError(verdict)
+    try:
+        with _SaveWatchdog(ckpt_dir, timeout_s):
+            dist_checkpointing.save(sharded_state_dict, tmp_dir, sharded_strategy=_save_strategy(fully_parallel))
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        # No collective from here on: one that a rank still inside megatron's save could pair up with would hang
+        # or mix up data. megatron hands rank 0 every rank's write errors, so rank 0 alone says what happened.
+        raise RunError(_save_failed(ckpt_dir, needed, error) if _rank() == 0 else _error_text(error)) from None
     _barrier()
-    with _SaveWatchdog(ckpt_dir, timeout_s):
-        dist_checkpointing.save(sharded_state_dict, tmp_dir)
-    _barrier()
+    verdict = None
     if _rank() == 0:
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp_dir, name), "w") as f:
-                f.write(text)
-        replace_dir(tmp_dir, ckpt_dir)
-    _barrier()
+        try:
+            for name, text in (extra_files or {}).items():
+                _write_synced(os.path.join(tmp_dir, name), text)
+            write_manifest(tmp_dir)
+            replace_dir(tmp_dir, ckpt_dir)
+        except OSError as error:
+            verdict = _save_failed(ckpt_dir, needed, error)
+    verdict = _from_rank0(verdict)  # also the barrier that keeps the others until the checkpoint is in place
+    if verdict:
+        raise RunError(verdict)
+
+
+# A save needs the tensor bytes plus the metadata and pickled objects next to them.
+SPACE_MARGIN = 1.05
+
+
+# Each tensor written is a torch.save record of its own in a shard file (header, alignment; ~1.7 KiB measured).
+ITEM_OVERHEAD_BYTES = 2048
+
+
+def _bytes_to_write(sharded_state_dict: dict) -> int:
+    """Bytes this rank's share of the checkpoint takes (main replicas only: the others are not written)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    return sum(
+        value.data.numel() * value.data.element_size() + ITEM_OVERHEAD_BYTES
+        for value in nested_values(sharded_state_dict)
+        if isinstance(value, ShardedTensor) and value.data is not None and is_main_replica(value.replica_id)
+    )
+
+
+def checkpoint_bytes(ckpt_dir: str) -> int | None:
+    """The size of a complete checkpoint, from its manifest (None without one)."""
+    try:
+        with open(os.path.join(ckpt_dir, MANIFEST_FILE)) as f:
+            return sum(json.load(f)["files"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _files_to_write() -> int:
+    # Two shard files per rank (torch_dist's default thread count), .metadata, common.pt, metadata.json, the
+    # trainer's files and the manifest.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return 2 * world + 8
+
+
+def _space_shortage(folder: str, needed_bytes: int, needed_files: int) -> str | None:
+    """What the file system at ``folder`` lacks for a checkpoint, or None."""
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed_bytes * SPACE_MARGIN:
+        return f"{_mib(free)} free on {folder}, the checkpoint needs about {_mib(needed_bytes * SPACE_MARGIN)}"
+    if stat.f_files and stat.f_favail < needed_files:  # f_files == 0: the file system has no inode limit
+        return f"{stat.f_favail} free inodes on {folder}, the checkpoint needs {needed_files} files"
+    return None
+
+
+def _save_failed(ckpt_dir: str, needed_bytes: int, error: BaseException) -> str:
+    """Rank 0, after a failed save: the message, with the partial folder removed."""
+    text = _error_text(error)
+    folder = os.path.dirname(ckpt_dir)
+    shortage = _space_shortage(folder, needed_bytes, 1)
+    shutil.rmtree(ckpt_dir + ".tmp", ignore_errors=True)
+    if _is_disk_full(text) or shortage:
+        stat = os.statvfs(folder)
+        return _disk_full_message(ckpt_dir, shortage or f"{_mib(stat.f_bavail * stat.f_frsize)} free on {folder} "
+                                  f"when the write failed, the checkpoint needs about {_mib(needed_bytes)}",
+                                  "the partial save was removed")  # fmt: skip
+    return (f"saving checkpoint {ckpt_dir} failed ({text}); the partial save was removed and the checkpoints before "
+            "it are intact")  # fmt: skip
+
+
+def _disk_full_message(ckpt_dir: str, shortage: str, what_happened: str) -> str:
+    return (
+        f"saving checkpoint {ckpt_dir} failed: the disk is full ({shortage}); {what_happened} and the checkpoints "
+        "before it are intact; free space or point trainer.output_dir at a larger disk"
+    )
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _is_disk_full(text: str) -> bool:
+    return "No space left on device" in text or "[Errno 28]" in text or "Disk quota exceeded" in text
+
+
+def _error_text(error: BaseException) -> str:
+    """The error and its causes on one line (megatron wraps the writer's OSError in several layers)."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- ".join(" ".join(part.split()) for part in parts)[:2000]
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_strategy(fully_parallel: bool):
+    """torch_dist with megatron's fully-parallel wrapper: the data-parallel replicas of a tensor share its writing
+    instead of DP rank 0 writing it all."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy()
+    if not fully_parallel or not ps.model_parallel_is_initialized():
+        return strategy
+    return FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _load_strategy(ckpt_dir: str, fully_parallel: bool):
+    """Each data-parallel replica reads a share of the replicated tensors and they exchange the rest."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = get_default_load_sharded_strategy(ckpt_dir)
+    if not fully_parallel or not ps.model_parallel_is_initialized():
+        return strategy
+    return FullyParallelLoadStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _all_gather(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _all_ranks_sum(value: int) -> int:
+    return sum(_all_gather(value))
+
+
+def _from_rank0(value):
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def replace_dir(src: str, dst: str) -> None:
@@ -107,21 +287,71 @@ def replace_dir(src: str, dst: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --- verification: a manifest of every file and its size, written last -------------------------------------------
+
+
+def write_manifest(folder: str) -> None:
+    """Record every file under ``folder`` with its size in ``manifest.json`` (written atomically, last)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    files.pop(MANIFEST_FILE, None)
+    _write_synced(os.path.join(folder, MANIFEST_FILE + ".tmp"), json.dumps({"files": files}, indent=0, sort_keys=True))
+    os.replace(os.path.join(folder, MANIFEST_FILE + ".tmp"), os.path.join(folder, MANIFEST_FILE))
+
+
+def checkpoint_problem(ckpt_dir: str, *, required: tuple[str, ...] = ()) -> str | None:
+    """Why ``ckpt_dir`` cannot be trusted (one phrase), or None when it is complete.
+
+    A checkpoint with a manifest must hold every file it lists, at the listed size (a truncated or lost shard shows
+    up here, before megatron reads anything); one without (converted by an older version) needs its metadata.json.
+    ``required`` files must be listed in the manifest, so their absence makes a manifest mandatory."""
+    if not os.path.isdir(ckpt_dir):
+        return "does not exist"
+    manifest_path = os.path.join(ckpt_dir, MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        if required:
+            return f"has no {MANIFEST_FILE} (its save never finished, or a version without manifests wrote it)"
+        return None if is_complete_checkpoint(ckpt_dir) else f"has no {METADATA_FILE}, so it is not a complete save"
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"has an unreadable {MANIFEST_FILE} ({error})"
+    for name in required:
+        if name not in files:
+            return f"lacks {name}"
+    for name, size in sorted(files.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            return f"lacks {name}"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"has {name} truncated ({actual} of {size} bytes)"
+    return None
+
+
 def is_complete_checkpoint(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, METADATA_FILE))
 
 
-def load_sharded(sharded_state_dict: dict, ckpt_dir: str, *, field: str = "checkpoint") -> dict:
+def load_sharded(
+    sharded_state_dict: dict, ckpt_dir: str, *, field: str = "checkpoint", fully_parallel: bool = False
+) -> dict:
     """Collective: load ``ckpt_dir`` into the shapes/shardings described by ``sharded_state_dict``."""
     from megatron.core import dist_checkpointing
 
-    if not is_complete_checkpoint(ckpt_dir):
+    problem = checkpoint_problem(ckpt_dir)
+    if problem:
         raise InputError(
-            f"{field}: {ckpt_dir} is not a complete Megatron distributed checkpoint (no {METADATA_FILE}); "
-            "point it at a folder written by tools/convert_hf_to_mcore.py or by the trainer"
+            f"{field}: {ckpt_dir} {problem}; point it at a complete folder written by tools/convert_hf_to_mcore.py or "
+            "by the trainer"
         )
     check_tensor_shapes(sharded_state_dict, ckpt_dir, field=field)
-    return dist_checkpointing.load(sharded_state_dict, ckpt_dir)
+    strategy = _load_strategy(ckpt_dir, fully_parallel)
+    return dist_checkpointing.load(sharded_state_dict, ckpt_dir, sharded_strategy=strategy)
 
 
 def checkpoint_dtype(ckpt_dir: str):
@@ -162,14 +392,54 @@ def step_dir(checkpoints_dir: str, step: int) -> str:
     return os.path.join(checkpoints_dir, f"iter_{step:07d}")
 
 
-def latest_checkpoint(checkpoints_dir: str) -> str | None:
-    """The folder the `latest` pointer names, if it is a complete checkpoint."""
+def saved_steps(checkpoints_dir: str) -> list[int]:
+    """Steps of the published checkpoint folders (``iter_NNNNNNN``), newest first."""
+    try:
+        names = os.listdir(checkpoints_dir)
+    except FileNotFoundError:
+        return []
+    return sorted((int(n[5:]) for n in names if n.startswith("iter_") and n[5:].isdigit()), reverse=True)
+
+
+def latest_step(checkpoints_dir: str) -> int | None:
+    """The step the `latest` pointer names (None without a readable pointer)."""
     try:
         with open(os.path.join(checkpoints_dir, LATEST_FILE)) as f:
-            path = os.path.join(checkpoints_dir, f.read().strip())
+            name = f.read().strip()
     except FileNotFoundError:
         return None
-    return path if is_complete_checkpoint(path) else None
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
+
+
+def resume_candidates(checkpoints_dir: str) -> tuple[str | None, list[str]]:
+    """The newest trustworthy checkpoint for ``trainer.resume=auto`` and why each newer one was passed over.
+
+    Candidates are the `latest` one and those older than it (a folder newer than `latest` was renamed into place but
+    never published); each must pass :func:`checkpoint_problem` with its ``trainer_state.json``."""
+    newest = latest_step(checkpoints_dir)
+    skipped = []
+    for step in saved_steps(checkpoints_dir):
+        if newest is not None and step > newest:
+            continue
+        path = step_dir(checkpoints_dir, step)
+        problem = checkpoint_problem(path, required=(TRAINER_STATE_FILE,))
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{os.path.basename(path)} {problem}")
+    return None, skipped
+
+
+def remove_partial_saves(checkpoints_dir: str) -> None:
+    """Rank 0: delete what killed saves left behind (``iter_N.tmp``, ``iter_N.old``); it only takes space."""
+    try:
+        names = os.listdir(checkpoints_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        # An .old folder is garbage once its replacement is in place (replace_dir renames the new one in second).
+        stem = name.rsplit(".", 1)[0]
+        if name.startswith("iter_") and (name.endswith(".tmp") or (name.endswith(".old") and stem in names)):
+            shutil.rmtree(os.path.join(checkpoints_dir, name), ignore_errors=True)
 
 
 def publish_latest(checkpoints_dir: str, ckpt_dir: str, keep: int) -> None:

@@ -20,7 +20,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_sapo.data.config import DataConfig
 from megatron_sapo.errors import InputError
-from megatron_sapo.loss import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from megatron_sapo.loss import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    POLICY_LOSSES,
+    check_rollout_correction,
+)
 from megatron_sapo.parallel.layout import ParallelLayout
 from megatron_sapo.rewards.config import DynamicSamplingConfig, RewardConfig
 from megatron_sapo.rollout.config import RolloutConfig
@@ -89,6 +95,14 @@ class PolicyLossConfig:
 
 
 @dataclass
+class RouterReplayConfig:
+    # MoE routing replay (verl's names). disabled; R2: the routing of the old-log-prob pass is replayed in the
+    # updates; R3: the rollout engine's routing of every token is replayed in the old-log-prob pass and the updates
+    # (SGLang needs --enable-return-routed-experts, which the launcher adds).
+    mode: str = "disabled"
+
+
+@dataclass
 class ActorConfig:
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     # SAPO's gate temperatures for positive / negative advantages (paper: 1.0 / 1.05).
@@ -111,10 +125,27 @@ class ActorConfig:
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
     entropy_coeff: float = 0.0
-    # Truncated importance sampling against the rollout engine's log-probs (null: off).
+    # Truncated importance sampling against the rollout engine's log-probs (null: off). The same as
+    # algorithm.rollout_correction.rollout_is=token with rollout_is_threshold=tis_cap; set one of the two.
     tis_cap: float | None = None
+    router_replay: RouterReplayConfig = field(default_factory=RouterReplayConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """verl's ``algorithm.rollout_correction``; formulas in ``megatron_sapo/loss/rollout_correction.py``."""
+
+    rollout_is: str | None = None  # null | token | sequence | icepop (slime's)
+    rollout_is_threshold: float = 2.0
+    rollout_is_threshold_lower: float | None = None  # icepop's lower bound (null: 1 / rollout_is_threshold)
+    rollout_rs: str | None = None  # null | token | sequence | geometric | token_k1 ... seq_max_k3
+    rollout_rs_threshold: float | None = None
+    rollout_rs_threshold_lower: float | None = None  # ratio options (null: 1 / rollout_rs_threshold)
+    # The engine's log-probs serve as the old policy: one forward pass fewer per step; SAPO's ratio is then
+    # pi / pi_rollout itself, and rollout_is/rollout_rs (which compare the two) must be null.
+    bypass_mode: bool = False
 
 
 @dataclass
@@ -123,6 +154,7 @@ class AlgorithmConfig:
     norm_adv_by_std_in_grpo: bool = True
     gamma: float = 1.0
     lam: float = 1.0
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -141,6 +173,10 @@ class TrainerConfig:
     tensorboard: bool = True
     wandb_project: str | None = None
     save_timeout_s: float = 3600.0
+    # sync: rollout, then training, then weight sync, in turn. one_step_off: step t+1's batch is generated (on the
+    # weights after step t-1) while step t trains, so every sample is exactly one update stale after the first step;
+    # it needs the rollout servers on devices of their own (no colocated memory saver, tensor sync or offload).
+    rollout_mode: str = "sync"
 
 
 @dataclass
@@ -222,6 +258,24 @@ def _choice(key: str, value, choices) -> None:
     _check(value in choices, f"{key}={value!r}: use one of {', '.join(map(str, choices))}")
 
 
+def _colocated_switches(config: Config, world_size: int) -> list[str]:
+    """The settings that make the rollout servers share the trainer's devices (set to a non-default value)."""
+    megatron, rollout = config.actor.megatron, config.rollout
+    found = [f"rollout.{name}=true" for name in ("enable_memory_saver",) if getattr(rollout, name)]
+    found += [f"actor.megatron.{name}=true" for name in ("param_offload", "grad_offload", "optimizer_offload")
+              if getattr(megatron, name)]  # fmt: skip
+    if rollout.weight_sync == "tensor":
+        found.append("rollout.weight_sync=tensor")
+    elif rollout.backend != "external" and rollout.weight_sync == "auto":
+        from megatron_sapo.rollout.weight_sync import launched_ranks_per_server, resolve_weight_sync
+
+        mode = resolve_weight_sync(rollout, trainer_ranks=world_size,
+                                   ranks_per_server=launched_ranks_per_server(rollout))  # fmt: skip
+        if mode == "tensor":
+            found.append("rollout.weight_sync=auto (resolved to tensor: colocated)")
+    return found
+
+
 def validate_config(config: Config, world_size: int, *, check_paths: bool = True, hf_config_dir: str | None = None):
     """The cross-field rules (each field's own range is checked by its dataclass or here)."""
     from megatron_sapo.models.qwen3_moe import Qwen3MoeArch, transformer_engine_usable
@@ -246,11 +300,17 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
            "does not train; use grpo, rloo or reinforce_plus_plus")  # fmt: skip
     _check(config.rollout.temperature > 0, f"rollout.temperature={config.rollout.temperature}: must be > 0 for "
            "training; the loss uses log-probs of softmax(logits / temperature)")  # fmt: skip
+    if config.rollout.backend != "external":  # external servers' layouts are known once they answer /server_info
+        from megatron_sapo.rollout.weight_sync import launched_ranks_per_server, resolve_weight_sync
+
+        resolve_weight_sync(config.rollout, trainer_ranks=world_size,
+                            ranks_per_server=launched_ranks_per_server(config.rollout))  # fmt: skip
     _check(actor.tau_pos > 0, f"actor.tau_pos={actor.tau_pos}: must be > 0 (paper: 1.0)")
     _check(actor.tau_neg > 0, f"actor.tau_neg={actor.tau_neg}: must be > 0 (paper: 1.05)")
     _check(actor.clip_ratio_low >= 0 and actor.clip_ratio_high >= 0, "actor.clip_ratio_low/high: must be >= 0")
     _check(actor.clip_ratio_c > 1, f"actor.clip_ratio_c={actor.clip_ratio_c}: must be > 1")
     _check(actor.tis_cap is None or actor.tis_cap > 0, f"actor.tis_cap={actor.tis_cap}: must be > 0, or null")
+    _validate_mismatch_control(config)
     _check(actor.ppo_mini_batch_size >= 1, f"actor.ppo_mini_batch_size={actor.ppo_mini_batch_size}: must be >= 1")
     _check(
         data.train_batch_size % actor.ppo_mini_batch_size == 0,
@@ -273,6 +333,12 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
     fraction = megatron.optimizer_offload_fraction
     _check(0.0 <= fraction <= 1.0, f"actor.megatron.optimizer_offload_fraction={fraction}: must be in [0, 1]")
     _check(trainer.total_steps >= 1, f"trainer.total_steps={trainer.total_steps}: must be >= 1")
+    _choice("trainer.rollout_mode", trainer.rollout_mode, ("sync", "one_step_off"))
+    colocated = _colocated_switches(config, world_size)
+    _check(trainer.rollout_mode == "sync" or not colocated,
+           f"trainer.rollout_mode=one_step_off: {colocated[0] if colocated else ''} shares the trainer's devices with "
+           "the rollout servers, so generation cannot overlap training; give the servers their own GPUs/nodes (and "
+           "turn it off) or use trainer.rollout_mode=sync")  # fmt: skip
     _check(trainer.test_freq >= 0, f"trainer.test_freq={trainer.test_freq}: must be >= 0 (0: after the last step)")
     _check(trainer.save_freq >= 0, f"trainer.save_freq={trainer.save_freq}: must be >= 0 (0: only at the end)")
     _check(trainer.max_checkpoints_to_keep >= 1, "trainer.max_checkpoints_to_keep: must be >= 1")
@@ -282,6 +348,12 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
     )
 
     arch = Qwen3MoeArch.from_hf_dir(hf_config_dir or config.model.path)
+    replay = actor.router_replay.mode
+    _check(replay == "disabled" or any(arch.moe_layer_pattern),
+           f"actor.router_replay.mode={replay}: the model has no MoE layers to replay; set it to disabled")  # fmt: skip
+    _check(replay == "disabled" or megatron.context_parallel_size == 1,
+           f"actor.router_replay.mode={replay}: not supported with actor.megatron.context_parallel_size="
+           f"{megatron.context_parallel_size} (context parallelism reorders tokens); use 1")  # fmt: skip
     te = megatron.use_transformer_engine if megatron.use_transformer_engine is not None else transformer_engine_usable()
     validate_layout(megatron.layout, world_size, arch, prefix="actor.megatron.", te=te)
     dp = megatron.layout.data_parallel_size(world_size)
@@ -296,6 +368,32 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
         f"data.max_prompt_length + data.max_response_length = {longest} exceeds the model's "
         f"max_position_embeddings={arch.max_position_embeddings}",
     )
+
+
+ROUTER_REPLAY_MODES = ("disabled", "R2", "R3")
+
+
+def _validate_mismatch_control(config: Config) -> None:
+    """algorithm.rollout_correction.* and actor.router_replay.mode (the model-dependent part is in validate_config)."""
+    rc = config.algorithm.rollout_correction
+    check_rollout_correction(rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_threshold_lower, rc.rollout_rs,
+                             rc.rollout_rs_threshold, rc.rollout_rs_threshold_lower)  # fmt: skip
+    _check(
+        config.actor.tis_cap is None or rc.rollout_is is None,
+        f"actor.tis_cap={config.actor.tis_cap} and algorithm.rollout_correction.rollout_is={rc.rollout_is} both "
+        "weight tokens by the engine's log-probs; keep one (tis_cap=c is rollout_is=token, rollout_is_threshold=c)",
+    )
+    _check(
+        not (rc.bypass_mode and config.actor.router_replay.mode == "R2"),
+        "actor.router_replay.mode=R2 replays the routing of the old-log-prob pass, which "
+        "algorithm.rollout_correction.bypass_mode=true skips; use R3 (the engine's routing) or turn bypass off",
+    )
+    _check(
+        not (rc.bypass_mode and (rc.rollout_is or rc.rollout_rs)),
+        "algorithm.rollout_correction.bypass_mode=true makes the engine's log-probs the old policy, so SAPO's ratio "
+        "is already pi / pi_rollout and rollout_is/rollout_rs have no trainer log-probs to compare; set them to null",
+    )
+    _choice("actor.router_replay.mode", config.actor.router_replay.mode, ROUTER_REPLAY_MODES)
 
 
 def save_resolved_config(config: Config, output_dir: str) -> str:

@@ -17,11 +17,17 @@ optimizer):
   (``2h`` + q/k-norm ``2·head_dim`` per layer, final ``h``) and the router (``E·h``) are replicated; routed experts
   ``E·3hf`` per MoE layer are split by ``e·et``. Vocab rows are padded (``Qwen3MoeArch.padded_vocab_size``).
 * params ``2P`` (bf16; ``4P`` for float32), grads ``4P`` (the fp32 grad buffer is not sharded: the distributed
-  optimizer reduce-scatters inside it).
+  optimizer reduce-scatters inside it), each counted as Megatron's DDP buffer lays them out (:func:`buffer_numel`:
+  every parameter starts at a multiple of 64 elements, the bucket ends at a multiple of ``lcm(dp, 128)``).
 * optimizer: fp32 main params (bf16 models only) + Adam ``exp_avg``/``exp_avg_sq``, ``12`` bytes per parameter of
   the rank's shard ``S = P_dense/(dp·c) + P_expert/edp``. With ``optimizer_cpu_offload`` Megatron's hybrid optimizer
-  keeps the fraction ``φ = optimizer_offload_fraction`` of the shard on the host (fp32 copy, Adam state and a pinned
-  fp32 grad copy: ``16·φ·S`` host bytes) and ``8(1-φ)S`` of Adam state on the GPU. The fp32 main shard (``4S``)
+  keeps the fraction ``φ = optimizer_offload_fraction`` of the shard on the host: fp32 copy and Adam state,
+  ``12·φ·S`` pageable bytes (torch's AdamW allocates them), and an fp32 gradient copy per parameter shard, pinned
+  (``pin_cpu_grads``), each rounded up to a power of two by torch's pinned allocator (``CachingHostAllocator``;
+  Qwen3-30B-A3B's expert weights: ×4/3); ``8(1-φ)S`` of Adam state stays on the GPU. megatron-core 0.16 builds
+  the hybrid optimizer twice (``get_megatron_optimizer`` from the whole params, then ``DistributedOptimizer`` from
+  their shards): the first holds fp32 copies of ``φ`` of the rank's params, ``4φP`` pageable bytes, until the
+  actor frees it after the build (reported as start-up host memory). The fp32 main shard (``4S``)
   stays on the GPU unless Megatron's precision-aware optimizer path is used (:data:`PRECISION_AWARE_OPTIMIZER`,
   which mirrors ``actor.py``'s ``OptimizerConfig``); with it the GPU part is ``12(1-φ)S``.
 * the KL reference policy (``actor.use_kl_loss``): ``2P`` more, never offloaded.
@@ -37,11 +43,13 @@ model (GQA, qk-norm, SwiGLU, no dropout, no biases) the tensors autograd keeps p
   output projection's input) ``2q``. Without Transformer Engine (``use_transformer_engine: false``) the unfused
   core attention also keeps the fp32 softmax output and the bf16 probabilities, ``6·(a/t)·s²·b`` per micro-batch
   (bounded by ``6·(a/t)·T·s_max``), Korthikanti's ``5as²b`` with our dtypes and no dropout mask.
-* MoE ``4h + 8E + K·et·2h + 8fK``: pre-MLP-norm input ``2h``, router input ``2h`` and its fp32 logits and probs
+* MoE ``4h + 8E + K·et·2h + 6fK``: pre-MLP-norm input ``2h``, router input ``2h`` and its fp32 logits and probs
   ``8E``, the dispatched expert input ``2h`` for each of the ``K·et`` routed copies (balanced routing assumed: each
   rank receives the average ``K`` copies per token; ETP all-gathers them ``et``-fold), and per routed copy the fc1
-  output ``4f/et``, the SwiGLU output ``2f/et`` and its probability-weighted product (fc2 input) ``2f/et``.
-* dense MLP ``4h + 6F``: norm input, fc1 input, fc1 output (gate and up), SwiGLU output.
+  output ``4f/et`` and the probability-weighted SwiGLU output (fc2 input) ``2f/et``. That is with Megatron's fused
+  SwiGLU (``bias_activation_fusion``, on with TE on GPU), which keeps only its input; the unfused one (no TE)
+  also keeps the silu output and the SwiGLU output before the weighting, ``+4f/et`` (``10fK``).
+* dense MLP ``4h + 6F``: norm input, fc1 input, fc1 output (gate and up), SwiGLU output (unfused: ``+2F``, silu).
 * dispatcher buffers of the layer being computed ``2hK(2 + et)``: the permuted tokens before the all-to-all, the
   expert output before the ETP reduce-scatter and the combined tokens after the return all-to-all.
 
@@ -59,10 +67,12 @@ omitted. With ``recompute_granularity``:
 Peak of a stage = kept tensors of the micro-batches in flight (1F1B: ``p - stage`` on stage ``stage``, an upper bound
 that ignores the number of micro-batches) + the larger of (a) the recomputed group + one layer's gradients (as large
 as its kept tensors) + the dispatcher buffers, and, on the last stage, (b) the output layer and the log-probs: the
-final-norm and output-layer inputs ``4h·T'``, the bf16 vocab-parallel logits ``2·(T/c)·(V/t)``, and the larger of the
-forward work space (two fp32 chunks ``[C, V/t]``: shifted logits and their exp, as training computes the entropy)
-and the backward one (one fp32 chunk, two with ``entropy_coeff != 0``; the actor writes the logits gradient into the
-logits' own storage, ``inplace_backward``). ``C = min(actor.log_prob_chunk_size, T/c)``, ``T/c`` when it is null.
+final-norm and output-layer inputs ``4h·T'``, the bf16 vocab-parallel logits ``L = 2·(T/c)·(V/t)``, and the largest
+of: a second copy of them (``GPTModel`` returns ``logits.transpose(0, 1).contiguous()``, made while the output
+layer's own is alive; in backward the logits gradient, written into the logits' storage by ``inplace_backward``,
+comes back transposed and the output layer's backward makes it contiguous), the forward work space (two fp32
+chunks ``[C, V/t]``: shifted logits and their exp, as training computes the entropy) and the backward one (one fp32
+chunk, two with ``entropy_coeff != 0``). ``C = min(actor.log_prob_chunk_size, T/c)``, ``T/c`` when it is null.
 The forward-only passes (old and reference log-probs) keep nothing for backward and need less.
 
 Two phases are checked against ``gpu_memory - headroom``. Training: all state resident plus the activation peak,
@@ -74,9 +84,11 @@ cache) for ``rollout.backend: sglang``; the embedded server runs on the CPU and 
 they reserve nothing here. The headroom (default 5 GiB) covers the CUDA context(s) (~0.5-1 GiB each, the trainer's
 and a colocated engine's), NCCL communicator buffers of the TP/DP/EP/PP groups (~1-2 GiB), cuBLAS/TE work spaces,
 the caching allocator's fragmentation, transient optimizer-step buffers (fused Adam updates in place, after the
-activations are freed) and transient bf16 weight gradients (``gradient_accumulation_fusion`` is off, so each weight's
-gradient, at most the output layer's ``2·V·h/t``, exists before it is added to the fp32 buffer). Host memory is
-reported, not checked.
+activations are freed) and transient bf16 weight gradients (without apex's ``gradient_accumulation_fusion`` kernel
+each weight's gradient, at most the output layer's ``2·V·h/t``, exists before it is added to the fp32 buffer).
+Host memory is reported, not checked, as pinned (the offloaded params' copy, one per DDP buffer rounded to a power
+of two; the optimizer offload's segments, ``parallel/offload.py``; the hybrid optimizer's gradient copies) and
+pageable (the hybrid optimizer's fp32 params and Adam moments).
 """
 
 from __future__ import annotations
@@ -208,6 +220,9 @@ class StageParams:
     moe_layers: int
     dense: int  # sharded over the DP×CP group by the distributed optimizer
     expert: int  # sharded over the expert-data-parallel group
+    # numel of each parameter tensor on the GPU, dense ones and (per local expert) expert ones
+    dense_tensors: tuple[int, ...] = ()
+    expert_tensors: tuple[int, ...] = ()
 
     @property
     def total(self) -> int:
@@ -229,26 +244,44 @@ def stage_params(arch: Qwen3MoeArch, layout: ParallelLayout, stage: int) -> Stag
     """Per-GPU parameters of pipeline stage ``stage`` (layers split evenly; validate_layout checks divisibility)."""
     per_stage = arch.num_layers // layout.pp
     pattern = arch.moe_layer_pattern[stage * per_stage : (stage + 1) * per_stage]
-    tp_split = replicated = experts = 0
+    h, t, d = arch.hidden_size, layout.tp, arch.head_dim
+    q, k = arch.num_attention_heads * d, arch.num_key_value_heads * d
+    dense: list[int] = []
+    expert: list[int] = []
     for moe in pattern:
-        layer = layer_params(arch, bool(moe))
-        tp_split += layer.attention + layer.dense_mlp
-        replicated += layer.replicated
-        experts += layer.experts
-    embedding = arch.padded_vocab_size * arch.hidden_size
+        # input norm, QKV, q/k norms, output projection, pre-MLP norm
+        dense += [h, h * (q + 2 * k) // t, d, d, q * h // t, h]
+        if moe:
+            dense.append(arch.num_experts * h)  # router
+            f = arch.moe_intermediate_size // layout.etp
+            expert += [2 * f * h, f * h] * (arch.num_experts // layout.ep)  # fc1 (gate, up) and fc2 per expert
+        else:
+            dense += [2 * arch.intermediate_size * h // t, arch.intermediate_size * h // t]
+    embedding = arch.padded_vocab_size * h // t
     if stage == 0:
-        tp_split += embedding
+        dense.append(embedding)
     if stage == layout.pp - 1:
-        tp_split += embedding  # untied output layer
-        replicated += arch.hidden_size  # final norm
+        dense += [h, embedding]  # final norm, untied output layer
     return StageParams(
         stage=stage,
         first_layer=stage * per_stage,
         num_layers=per_stage,
         moe_layers=sum(pattern),
-        dense=tp_split // layout.tp + replicated,
-        expert=experts // (layout.ep * layout.etp),
+        dense=sum(dense),
+        expert=sum(expert),
+        dense_tensors=tuple(dense),
+        expert_tensors=tuple(expert),
     )
+
+
+def buffer_numel(tensors: tuple[int, ...], group: int) -> int:
+    """Elements of a Megatron DDP buffer holding ``tensors`` for the distributed optimizer: every parameter starts
+    at a multiple of 64 elements and the (single) bucket ends at a multiple of lcm(group, 128)."""
+    if not tensors:
+        return 0
+    end = sum(-(-n // 64) * 64 for n in tensors[:-1]) + tensors[-1]
+    divisor = math.lcm(group, 128)
+    return -(-end // divisor) * divisor
 
 
 def planned_stages(pp: int) -> list[int]:
@@ -262,13 +295,27 @@ def planned_stages(pp: int) -> list[int]:
 @dataclass(frozen=True)
 class OptimizerBytes:
     gpu: int
-    host: int  # the hybrid CPU optimizer's share, on the host in both phases
+    host: int  # the hybrid CPU optimizer's fp32 params and Adam moments: pageable host memory, in both phases
+    pinned: int = 0  # its fp32 gradient copies (pin_cpu_grads), each rounded up to a power of two
+    startup: int = 0  # host memory megatron holds only while it builds the hybrid optimizer the second time
+
+
+def shard_groups(settings: PlanSettings) -> tuple[int, int]:
+    """The distributed optimizer's shard groups: DP×CP for dense params, expert-DP for expert params."""
+    layout, world = settings.layout, settings.world_size
+    return layout.data_parallel_size(world) * layout.cp, world // (layout.ep * layout.etp * layout.pp)
+
+
+def _pinned_shard_bytes(tensors: tuple[int, ...], group: int, bytes_per: int) -> float:
+    """One pinned host tensor per parameter shard, each rounded up to a power of two (torch's CachingHostAllocator).
+    The distributed optimizer cuts the buffer into ``group`` equal ranges: a parameter smaller than a range lies
+    in one rank's range (each rank holds ~1/group of them whole), a larger one is cut into ~1/group pieces."""
+    piece = sum(tensors) / group
+    return sum(pow2(bytes_per * n) / group if n <= piece else pow2(bytes_per * n // group) for n in tensors)
 
 
 def optimizer_bytes(params: StageParams, settings: PlanSettings) -> OptimizerBytes:
-    layout, world = settings.layout, settings.world_size
-    dense_group = layout.data_parallel_size(world) * layout.cp
-    expert_group = world // (layout.ep * layout.etp * layout.pp)
+    dense_group, expert_group = shard_groups(settings)
     shard = params.dense / dense_group + params.expert / expert_group
     on_host = settings.optimizer_offload_fraction if settings.optimizer_cpu_offload else 0.0
     main_params = settings.dtype != "float32"  # fp32 models update their own params: no separate main copy
@@ -276,8 +323,30 @@ def optimizer_bytes(params: StageParams, settings: PlanSettings) -> OptimizerByt
         gpu_per_param = FP32 + 2 * FP32 * (1 - on_host)  # the DistributedOptimizer's fp32 main shard stays on GPU
     else:
         gpu_per_param = (FP32 * main_params + 2 * FP32) * (1 - on_host)
-    host_per_param = 4 * FP32 * on_host  # fp32 param copy, exp_avg, exp_avg_sq, pinned fp32 grad copy
-    return OptimizerBytes(gpu=round(shard * gpu_per_param), host=round(shard * host_per_param))
+    pinned = on_host * (
+        _pinned_shard_bytes(params.dense_tensors, dense_group, FP32)
+        + _pinned_shard_bytes(params.expert_tensors, expert_group, FP32)
+    )
+    return OptimizerBytes(
+        gpu=round(shard * gpu_per_param),
+        host=round(shard * 3 * FP32 * on_host),  # fp32 param copy, exp_avg, exp_avg_sq (torch AdamW: pageable)
+        pinned=round(pinned),
+        # get_megatron_optimizer first builds it from the model's whole params (fp32 copies of the offloaded
+        # fraction), then DistributedOptimizer from the shards; the actor frees the first right after.
+        startup=round(FP32 * on_host * params.total),
+    )
+
+
+def pow2(n: float) -> int:
+    return 1 << max(math.ceil(n) - 1, 0).bit_length()
+
+
+def segmented_host_bytes(total: float) -> int:
+    """Host buffers of the optimizer offload (``parallel/offload.py``): whole segments and a power-of-two tail."""
+    from megatron_sapo.parallel.offload import SEGMENT_BYTES
+
+    full, rest = divmod(math.ceil(total), SEGMENT_BYTES)
+    return full * SEGMENT_BYTES + (pow2(rest) if rest else 0)
 
 
 # --- activations ----------------------------------------------------------------------------------------------------
@@ -289,18 +358,20 @@ def attention_bytes_per_token(arch: Qwen3MoeArch) -> int:
     return BF16 * (2 * h + (q + k) + (q + 2 * k) + q)
 
 
-def moe_bytes_per_token(arch: Qwen3MoeArch, etp: int) -> int:
+def moe_bytes_per_token(arch: Qwen3MoeArch, etp: int, fused: bool = True) -> int:
     """Kept by one MoE block per ``T'`` token, routing balanced over the experts."""
     h, f, topk, experts = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts_per_tok, arch.num_experts
     norm_and_router = BF16 * 2 * h + 2 * FP32 * experts
     expert_input = BF16 * h * topk * etp
-    expert_hidden = BF16 * (2 * f + f + f) * topk  # per routed copy f/etp wide, etp times as many copies
+    # Per routed copy (f/etp wide, etp times as many copies): the fc1 output and the probability-weighted SwiGLU
+    # output (fc2's input); unfused, also the silu output and the SwiGLU output before the weighting.
+    expert_hidden = BF16 * (2 * f + f + (0 if fused else 2 * f)) * topk
     return norm_and_router + expert_input + expert_hidden
 
 
-def dense_mlp_bytes_per_token(arch: Qwen3MoeArch) -> int:
-    """Kept by one dense SwiGLU MLP block per ``T'`` token."""
-    return BF16 * (2 * arch.hidden_size + 3 * arch.intermediate_size)
+def dense_mlp_bytes_per_token(arch: Qwen3MoeArch, fused: bool = True) -> int:
+    """Kept by one dense SwiGLU MLP block per ``T'`` token (unfused, also the silu output)."""
+    return BF16 * (2 * arch.hidden_size + (3 if fused else 4) * arch.intermediate_size)
 
 
 def dispatcher_bytes_per_token(arch: Qwen3MoeArch, etp: int) -> int:
@@ -333,8 +404,9 @@ def activation_bytes(arch: Qwen3MoeArch, params: StageParams, settings: PlanSett
     tokens = settings.max_tokens_per_micro_batch
     seq_tokens = tokens / (layout.tp * layout.cp)  # T': tokens of a sequence-parallel region on one rank
     core = core_attention_bytes(arch, settings)
-    moe = (attention_bytes_per_token(arch) + moe_bytes_per_token(arch, layout.etp)) * seq_tokens + core
-    dense = (attention_bytes_per_token(arch) + dense_mlp_bytes_per_token(arch)) * seq_tokens + core
+    fused = settings.flash_attention  # TE on GPU: the actor turns Megatron's fused kernels on
+    moe = (attention_bytes_per_token(arch) + moe_bytes_per_token(arch, layout.etp, fused)) * seq_tokens + core
+    dense = (attention_bytes_per_token(arch) + dense_mlp_bytes_per_token(arch, fused)) * seq_tokens + core
     dense_layers = params.num_layers - params.moe_layers
     heaviest_layer = moe if params.moe_layers else dense
     dispatcher = dispatcher_bytes_per_token(arch, layout.etp) * seq_tokens if params.moe_layers else 0
@@ -369,7 +441,10 @@ def output_layer_bytes(arch: Qwen3MoeArch, settings: PlanSettings) -> float:
     chunk = min(settings.log_prob_chunk_size or tokens, tokens) * vocab * FP32
     forward = 2 * chunk  # shifted logits and their exp (training computes the entropy)
     backward = chunk * (2 if settings.entropy_gradient else 1)  # softmax (+ log p); the gradient reuses the logits
-    return inputs + logits + max(forward, backward)
+    # GPTModel returns logits.transpose(0, 1).contiguous(): a second copy next to the output layer's own; in
+    # backward the logits gradient (in the logits' storage) comes back transposed and the output layer's backward
+    # makes it contiguous (prepare_input_tensors_for_wgrad_compute): again a second copy.
+    return inputs + logits + max(logits, forward, backward)
 
 
 # --- the plan -------------------------------------------------------------------------------------------------------
@@ -380,13 +455,15 @@ class Row:
     name: str
     training: int
     rollout: int
-    host: int = 0
+    host: int = 0  # pageable host memory
+    pinned: int = 0  # pinned (page-locked) host memory
 
 
 @dataclass(frozen=True)
 class StagePlan:
     params: StageParams
     rows: tuple[Row, ...]
+    startup_host: int = 0  # pageable host memory held only while the optimizer is built
 
     @property
     def training(self) -> int:
@@ -399,6 +476,10 @@ class StagePlan:
     @property
     def host(self) -> int:
         return sum(row.host for row in self.rows)
+
+    @property
+    def pinned(self) -> int:
+        return sum(row.pinned for row in self.rows)
 
     def row(self, name: str) -> Row:
         return next(row for row in self.rows if row.name == name)
@@ -442,26 +523,29 @@ KEPT, ENGINE = "activations kept for backward", "rollout engine"
 LAYER_WORK, OUTPUT_WORK = "peak work: layer backward", "peak work: logits + log-probs"
 
 
-def _offloaded(gpu: int, offload: bool, *, host: int = 0) -> tuple[int, int, int]:
-    """(training, rollout, host) bytes of state that moves to the host while rolling out when ``offload``."""
-    return gpu, 0 if offload else gpu, host + (gpu if offload else 0)
-
-
 def stage_plan(arch: Qwen3MoeArch, settings: PlanSettings, stage: int, gpu_bytes: int) -> StagePlan:
     params = stage_params(arch, settings.layout, stage)
-    param_bytes = PARAM_BYTES[settings.dtype] * params.total
-    grad_bytes = FP32 * params.total
+    dense_group, expert_group = shard_groups(settings)
+    dense_numel = buffer_numel(params.dense_tensors, dense_group)
+    expert_numel = buffer_numel(params.expert_tensors, expert_group)
+    param_bytes = PARAM_BYTES[settings.dtype] * (dense_numel + expert_numel)
+    grad_bytes = FP32 * (dense_numel + expert_numel)
     optimizer = optimizer_bytes(params, settings)
     activations = activation_bytes(arch, params, settings)
     engine = round(settings.rollout_mem_fraction * gpu_bytes)
     # On top of the kept tensors, the larger of a layer's backward and the output layer's logits and log-probs.
     work_name = OUTPUT_WORK if activations.output > activations.backward_work else LAYER_WORK
+    # Offloaded params go to one pinned host copy per DDP buffer (dense, expert), each rounded to a power of two;
+    # the grad buffer is freed (re-zeroed on reload); the optimizer's own device tensors go to host segments.
+    param_host = sum(pow2(PARAM_BYTES[settings.dtype] * n) for n in (dense_numel, expert_numel) if n)
+    optimizer_host = segmented_host_bytes(optimizer.gpu) if optimizer.gpu else 0
     rows = [
-        # Params move to a pinned host copy; the grad buffer is freed (re-zeroed on reload); optimizer tensors move.
-        Row(f"{PARAMS} ({settings.dtype})", *_offloaded(param_bytes, settings.param_offload)),
+        Row(f"{PARAMS} ({settings.dtype})", param_bytes, 0 if settings.param_offload else param_bytes,
+            pinned=param_host if settings.param_offload else 0),
         Row(GRADS, grad_bytes, 0 if settings.grad_offload else grad_bytes),
-        Row(OPTIMIZER, *_offloaded(optimizer.gpu, settings.optimizer_offload, host=optimizer.host)),
-    ]
+        Row(OPTIMIZER, optimizer.gpu, 0 if settings.optimizer_offload else optimizer.gpu, host=optimizer.host,
+            pinned=optimizer.pinned + (optimizer_host if settings.optimizer_offload else 0)),
+    ]  # fmt: skip
     if settings.use_kl_loss:
         rows.append(Row(REFERENCE, BF16 * params.total, BF16 * params.total))
     rows += [
@@ -469,7 +553,7 @@ def stage_plan(arch: Qwen3MoeArch, settings: PlanSettings, stage: int, gpu_bytes
         Row(work_name, activations.peak - activations.kept, 0),
         Row(ENGINE, 0 if settings.rollout_memory_saver else engine, engine),
     ]
-    return StagePlan(params, tuple(rows))
+    return StagePlan(params, tuple(rows), optimizer.startup)
 
 
 def plan_from_settings(
@@ -549,21 +633,35 @@ def format_plan(plan: MemoryPlan) -> str:
         lines += [
             "",
             f"{p.describe(layout.pp)}; per GPU {_count(p.dense)} dense + {_count(p.expert)} expert params",
-            f"  {'GiB per GPU':34s}{'training':>9s}{'rollout':>9s}{'host':>9s}",
+            f"  {'GiB per GPU':34s}{'training':>9s}{'rollout':>9s}{'pinned':>9s}{'pageable':>9s}",
         ]
         for row in stage.rows:
-            if row.training or row.rollout or row.host:
-                lines.append(f"  {row.name:34s}{_gib(row.training)} {_gib(row.rollout)} {_gib(row.host)}")
+            if row.training or row.rollout or row.host or row.pinned:
+                lines.append(f"  {row.name:34s}{_gib(row.training)} {_gib(row.rollout)} {_gib(row.pinned)} "
+                             f"{_gib(row.host)}")  # fmt: skip
         headroom = plan.headroom_bytes
         lines.append(f"  {'headroom (CUDA ctx, NCCL, frag.)':34s}{_gib(headroom)} {_gib(headroom)}")
-        lines.append(
-            f"  {'total':34s}{_gib(stage.training + headroom)} {_gib(stage.rollout + headroom)} {_gib(stage.host)}"
-        )
-    node_host = plan.training.host * s.gpus_per_node
+        lines.append(f"  {'total':34s}{_gib(stage.training + headroom)} {_gib(stage.rollout + headroom)} "
+                     f"{_gib(stage.pinned)} {_gib(stage.host)}")  # fmt: skip
+    heaviest = max(plan.stages, key=lambda stage: stage.host + stage.pinned)
+    per_gpu = heaviest.host + heaviest.pinned
     lines += [
         "",
-        f"host memory while rolling out: {plan.training.host / GIB:.1f} GiB per GPU, {node_host / GIB:.0f} GiB per "
-        f"node of {s.gpus_per_node} GPUs (pinned; not checked)",
+        f"host memory per GPU: {heaviest.pinned / GIB:.1f} GiB pinned + {heaviest.host / GIB:.1f} GiB pageable, "
+        f"{per_gpu * s.gpus_per_node / GIB:.0f} GiB per node of {s.gpus_per_node} GPUs (not checked)"
+        + (
+            f"; {heaviest.startup_host / GIB:.1f} GiB more per GPU while the hybrid optimizer is built (megatron "
+            "builds it twice)"
+            if heaviest.startup_host
+            else ""
+        ),  # fmt: skip
+    ]
+    if s.optimizer_cpu_offload and s.optimizer_offload_fraction > 0:
+        lines.append(
+            f"CPU Adam threads: OMP_NUM_THREADS = the node's cores / {s.gpus_per_node} processes per rank (train.sh "
+            "and sbatch.slurm set it; torchrun alone would set 1)"
+        )
+    lines += [
         _verdict("training", plan.training.training, plan),
         _verdict("rollout", plan.rollout.rollout, plan),
         f"=> {'FITS' if plan.fits else 'DOES NOT FIT'} (formulas and assumptions: megatron_sapo/plan.py docstring)",

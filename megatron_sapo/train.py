@@ -1,7 +1,9 @@
 """Entry point: ``torchrun --nproc_per_node=N -m megatron_sapo.train --config FILE.yaml [key=value ...]``.
 
-The whole configuration is read and validated before any process group or model is built; a bad config ends
-with one ``error: <key>: <what and how to fix>`` line and exit status 2.
+The whole configuration, the tokenizer and the prompt data are read and checked before any process group or model
+is built; bad input ends with one ``error: <key>: <what and how to fix>`` line and exit status 2. A run that fails
+later for a reason outside the code (a dead rollout server, a full disk) ends with one ``error:`` line from rank 0
+and exit status 1. Under torchrun, torchrun adds its own summary of the failed ranks after that line.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 
-from megatron_sapo.errors import InputError
+from megatron_sapo.errors import InputError, RunError
+from megatron_sapo.lifetime import reap_when_gone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,24 +32,74 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_config(args.config, args.overrides)
     except InputError as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _report(error, rank)
+
+    reap_when_gone()
+    try:
+        data = _load_data_on_rank0(config, rank)
+    except InputError as error:
+        return _report(error, rank)
 
     from megatron_sapo.parallel.state import destroy
     from megatron_sapo.trainer import train
 
     try:
-        out = train(config)
-    except InputError as error:  # found after start-up, e.g. a checkpoint that does not fit the model
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
+        out = train(config, data)
+    except (InputError, RunError) as error:  # a checkpoint that does not fit, a dead rollout server, a full disk
+        return _report(error, rank)
     finally:
         destroy()
     if rank == 0:
         print(f"done: metrics in {os.path.join(out, 'metrics.jsonl')}, final policy in {os.path.join(out, 'hf')}")
     return 0
+
+
+RANK0_HEAD_START_S = 10.0
+
+
+def _report(error: InputError | RunError, rank: int) -> int:
+    """Rank 0 prints the one line; the others stay silent and give it a head start, so that torchrun names rank 0
+    as the root cause and then ends them (see README, "When things go wrong"). Returns the exit status."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(RANK0_HEAD_START_S)
+    return 2 if isinstance(error, InputError) else 1
+
+
+def _load_data_on_rank0(config, rank: int):
+    """Read and check the tokenizer and prompts before any process group exists: rank 0 reads them, the other ranks
+    wait for its verdict on torchrun's store (and read them later, in ``train``, knowing they are good).
+
+    Returns the data on rank 0 (None elsewhere); raises InputError on every rank when it is bad. Without torchrun's
+    agent store (``world == 1``, other launchers) every rank reads for itself."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from megatron_sapo.data.prompts import load_run_data
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return load_run_data(config)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(hours=2), wait_for_workers=False)  # fmt: skip
+    key = f"megatron_sapo/data_verdict/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if rank != 0:
+        verdict = store.get(key).decode()
+        if verdict != "ok":
+            raise InputError(verdict)
+        return None
+    try:
+        data = load_run_data(config)
+    except InputError as error:
+        store.set(key, str(error))
+        raise
+    except BaseException as error:
+        store.set(key, f"reading the data on rank 0 failed: {type(error).__name__}: {error}")
+        raise
+    store.set(key, "ok")
+    return data
 
 
 if __name__ == "__main__":

@@ -7,15 +7,21 @@ logits) → a checkpoint every ``trainer.save_freq`` steps → weight sync to th
 
 Generation, reward scoring and logging happen on global rank 0; the sampled batch is broadcast, and everything
 Megatron does is collective. With ``actor.megatron.*_offload`` the trainer's GPU state moves to host memory while
-the rollout engine generates.
+the rollout engine generates. With ``trainer.rollout_mode=one_step_off`` a thread on rank 0 generates step t+1's
+batch while step t trains (on servers with devices of their own); the sync after step t waits for it.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import functools
+import io
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -26,18 +32,23 @@ from megatron_sapo.actor import MegatronActor
 from megatron_sapo.batch import Samples, response_aligned
 from megatron_sapo.checkpoint import (
     TRAINER_STATE_FILE,
-    latest_checkpoint,
+    checkpoint_bytes,
+    checkpoint_problem,
+    latest_step,
     publish_latest,
-    replace_dir,
+    remove_partial_saves,
+    resume_candidates,
     save_sharded,
     step_dir,
 )
 from megatron_sapo.config import Config, save_resolved_config
-from megatron_sapo.data import PromptStream, load_prompts
-from megatron_sapo.data.tokenizer import load_tokenizer
-from megatron_sapo.loss import apply_overlong_penalty, compute_advantages, masked_mean
+from megatron_sapo.data import PromptStream
+from megatron_sapo.data.prompts import RunData, load_run_data
+from megatron_sapo.errors import InputError, RunError
+from megatron_sapo.loss import apply_overlong_penalty, compute_advantages, masked_mean, rollout_correction
 from megatron_sapo.metrics import MetricsLogger
 from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models.routing_replay import decode_routed_experts, routing_dtype
 from megatron_sapo.parallel.state import initialize_model_parallel, is_rank0
 from megatron_sapo.rewards import RewardManager, RewardSample
 from megatron_sapo.rewards.dynamic_sampling import fill_batch
@@ -46,30 +57,35 @@ from megatron_sapo.rollout.engine import RolloutEngine
 logger = logging.getLogger("megatron_sapo")
 
 
-def train(config: Config) -> str:
-    """Run training; returns the output folder. Collective over torchrun's processes."""
+def train(config: Config, data: RunData | None = None) -> str:
+    """Run training; returns the output folder. Collective over torchrun's processes.
+
+    ``data``: the tokenizer and prompt sets when the caller has loaded (and so checked) them already."""
     arch = Qwen3MoeArch.from_hf_dir(config.model.path)
+    if config.actor.router_replay.mode == "R3":  # R3 replays the engine's routing: it must send it
+        config.rollout.enable_return_routed_experts = True
     initialize_model_parallel(config.actor.megatron.layout, seed=config.actor.megatron.seed, arch=arch)
     out = config.trainer.output_dir
     checkpoints = os.path.join(out, "checkpoints")
     if is_rank0():
         save_resolved_config(config, out)
 
-    tokenizer = load_tokenizer(config.model.path)
-    stream = PromptStream(
-        load_prompts(config.data, tokenizer).items, shuffle=config.data.shuffle, seed=config.data.seed
-    )
-    val_prompts = load_prompts(config.data, tokenizer, "val").items if config.data.val_files else []
+    tokenizer, train_prompts, val_prompts = data or load_run_data(config)
+    stream = PromptStream(train_prompts, shuffle=config.data.shuffle, seed=config.data.seed)
+    resume_from = _resume_checkpoint(config, checkpoints)  # before the heavy work: a bad one is one line
     actor = MegatronActor(config, arch)
 
-    resume_from = _resume_checkpoint(config, checkpoints)
     start_step = 0
+    overlap = config.trainer.rollout_mode == "one_step_off"
+    in_flight = None  # one_step_off: the next step's batch, once it is generated (on every rank)
     if resume_from:
         actor.load_checkpoint(resume_from)
         with open(os.path.join(resume_from, TRAINER_STATE_FILE)) as f:
             state = json.load(f)
         start_step = state["step"]
         stream.load_state_dict(state["data"])
+        if state.get(IN_FLIGHT_KEY):  # saved by one_step_off (its prompts are drawn): trained on in either mode
+            in_flight = _decode_batch(state[IN_FLIGHT_KEY])
     else:
         actor.load_initial_weights()
 
@@ -85,10 +101,14 @@ def train(config: Config) -> str:
                                     wandb_project=config.trainer.wandb_project)  # fmt: skip
     if resume_from:  # the engine loaded model.path; it needs the resumed policy
         actor.reload()
-        _sync_weights(actor, engine, config)
+        _sync_weights(actor, engine, config, version=start_step)
         actor.offload()
-    if val_prompts and config.trainer.val_before_train and start_step == 0 and is_rank0():
-        metrics_log.log(0, _validate(config, val_prompts, engine, rewards, tokenizer))
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if overlap and is_rank0() else None
+    pending = None  # one_step_off, rank 0: the Future of the next step's batch
+    if val_prompts and config.trainer.val_before_train and start_step == 0:
+        val_metrics = _from_rank0_or_fail(functools.partial(_validate, config, val_prompts, engine, rewards, tokenizer))
+        if is_rank0():
+            metrics_log.log(0, val_metrics)
 
     progress = tqdm(range(start_step + 1, config.trainer.total_steps + 1), desc="steps", disable=not is_rank0(),
                     initial=start_step, total=config.trainer.total_steps)  # fmt: skip
@@ -97,25 +117,42 @@ def train(config: Config) -> str:
             timings: dict[str, float] = {}
             metrics: dict[str, float] = {}
 
-            # 1. Rollout and rewards (rank 0; the trainer's GPU state sits on the host meanwhile).
+            # 1. Rollout and rewards (rank 0; the trainer's GPU state sits on the host meanwhile). one_step_off: the
+            # batch was generated during the previous step (the first step's, and a resumed sync run's, is made now).
             with _timer(timings, "rollout"):
-                batch = (
-                    _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) if is_rank0() else None
-                )
-                batch = _broadcast(batch)
+                if in_flight is None:
+                    batch = _from_rank0_or_fail(
+                        functools.partial(_generate_batch, config, stream, engine, rewards, tokenizer, step, metrics)
+                    )
+                else:
+                    batch, in_flight = in_flight, None
+                    metrics.update(batch.pop("metrics"))
             _engine_memory(engine, config, release=True)
             actor.reload()
             stream.load_state_dict(batch["data_state"])  # every rank follows rank 0's draws
             samples = batch["samples"]
+            metrics.update(_staleness(batch["weight_versions"], trainer_version=step - 1))
+            if ahead is not None and step < config.trainer.total_steps:  # step + 1's batch, on the current weights
+                pending = ahead.submit(_generate_ahead, config, stream, engine, rewards, tokenizer, step + 1)
 
             # 2. Log-probs of the sampled tokens under the current policy (and the frozen reference).
             with _timer(timings, "old_log_probs"):
-                samples.old_log_probs = actor.compute_log_probs(samples)
+                if config.actor.router_replay.mode == "R3":
+                    samples.replay_routing = _engine_routing_or_fail(samples)
+                if config.algorithm.rollout_correction.bypass_mode:  # the engine's log-probs are the old policy
+                    samples.old_log_probs = samples.rollout_log_probs.clone()
+                else:
+                    samples.old_log_probs = actor.compute_log_probs(samples)
+                if config.actor.router_replay.mode == "R2":  # the updates replay the routing just used
+                    samples.replay_routing = samples.trainer_routing
                 if config.actor.use_kl_loss:
                     samples.ref_log_probs = actor.compute_log_probs(samples, reference=True)
+            mask = samples.response_mask()
+            metrics.update(_rollout_correction(config, samples, mask))
+            if "router_agreement" in samples.extra:
+                metrics["rollout/router_agreement"] = samples.extra["router_agreement"]
 
             # 3. Advantages from the (shaped) rewards, per group of rollout.n samples.
-            mask = samples.response_mask()
             samples.advantages = compute_advantages(
                 config.algorithm.adv_estimator,
                 rewards=torch.tensor(batch["scores"]),
@@ -130,16 +167,30 @@ def train(config: Config) -> str:
             with _timer(timings, "update"):
                 update_metrics = actor.update(samples, _mini_batches(batch["group_index"], config))
 
+            # 4b. one_step_off: the next step's batch finishes on the weights it started with (the sync waits for it:
+            # a batch never mixes weight versions) and goes to every rank, and into a checkpoint taken now.
+            if overlap and step < config.trainer.total_steps:
+                with _timer(timings, "rollout"):
+                    in_flight = _from_rank0_or_fail(pending.result if pending is not None else None)  # rank 0's
+                    pending = None
+
             # 5. A checkpoint, while the trainer's state is on the GPU (before it is offloaded for the next rollout).
             if _due(config.trainer.save_freq, step, config.trainer.total_steps):
-                _save(actor, stream, step, checkpoints, config)
+                _save(
+                    actor,
+                    stream,
+                    step,
+                    checkpoints,
+                    config,
+                    extra_state={IN_FLIGHT_KEY: _encode_batch(in_flight)} if in_flight is not None else None,
+                )
 
-            # 6. The rollout engine gets the new weights; then it has the GPU again.
+            # 6. The rollout engine gets the new weights (version = step); then it has the GPU again.
             with _timer(timings, "weight_sync"):
                 _engine_memory(engine, config, tags=["weights"])
-                _sync_weights(actor, engine, config)
+                _everyone_or_fail(functools.partial(_sync_weights, actor, engine, config, version=step), engine)
                 actor.offload()
-                _engine_memory(engine, config, tags=["kv_cache"])
+                _engine_memory(engine, config, tags=["kv_cache", "cuda_graph"])
 
             # 7. Metrics, and validation on data.val_files with the new weights.
             metrics.update({f"actor/{k}": v for k, v in update_metrics.items()})
@@ -150,14 +201,17 @@ def train(config: Config) -> str:
             num_tokens = sum(samples.lengths())
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
             metrics["perf/tokens_per_s"] = num_tokens / max(sum(timings.values()), 1e-9)
-            if val_prompts and is_rank0() and _due(config.trainer.test_freq, step, config.trainer.total_steps):
+            if val_prompts and _due(config.trainer.test_freq, step, config.trainer.total_steps):
+                validate = functools.partial(_validate, config, val_prompts, engine, rewards, tokenizer)
                 with _timer(timings, "validation"):
-                    metrics.update(_validate(config, val_prompts, engine, rewards, tokenizer))
+                    metrics.update(_from_rank0_or_fail(validate))
                 metrics["timing/validation"] = timings["validation"]
             if is_rank0():
                 metrics_log.log(step, metrics)
                 progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
     finally:
+        if ahead is not None:  # a failed step leaves the batch in flight: let it end before the engine does
+            ahead.shutdown(wait=True, cancel_futures=True)
         if engine is not None:
             engine.shutdown()
         for process in node_servers:
@@ -239,12 +293,83 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
     metrics["response_length/clip_frac"] = finish_length / len(response_ids)
     samples = Samples(prompt_ids=prompt_ids, response_ids=response_ids)
     samples.rollout_log_probs = response_aligned(logprobs, samples.max_response_len)
+    samples.routed_experts = _decode_engine_routing(config, [s for group in groups for s in group["samples"]])
     return {
         "samples": samples,
         "scores": shaped.tolist(),
         "group_index": group_index,
         "data_state": stream.state_dict(),
+        "weight_versions": [s.weight_version for group in groups for s in group["samples"]],
     }
+
+
+def _generate_ahead(config, stream, engine, rewards, tokenizer, step) -> dict:
+    """one_step_off, on rank 0's rollout thread: step ``step``'s batch, its rollout metrics inside. The main thread
+    touches neither the engine nor the stream nor the reward workers until it has the result."""
+    metrics: dict[str, float] = {}
+    batch = _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics)
+    return {**batch, "metrics": metrics}
+
+
+def _staleness(weight_versions: list, trainer_version: int) -> dict[str, float]:
+    """How many updates each sample's weights are behind the policy that trains on it. Versions are the trainer's
+    step counts that it pushes with every sync; a server still on model.path answers SGLang's "default" (= 0)."""
+    lags = [trainer_version - (int(v) if str(v).isdigit() else 0) for v in weight_versions]
+    return {"rollout/staleness_mean": sum(lags) / len(lags), "rollout/staleness_max": float(max(lags))}
+
+
+# one_step_off: the batch generated during the checkpointed step (on weights the checkpoint no longer holds, so it
+# cannot be regenerated on resume; it is saved instead: MBs, ~1 GiB with R3's routing at the 30B recipe's batch,
+# next to the model's and optimizer's hundreds of GBs).
+IN_FLIGHT_KEY = "in_flight_batch"
+
+
+def _encode_batch(batch: dict) -> str:
+    buffer = io.BytesIO()
+    torch.save(batch, buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode_batch(text: str) -> dict:
+    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=False)  # the run's own checkpoint
+
+
+def _decode_engine_routing(config: Config, outputs: list) -> list[torch.Tensor] | None:
+    """The engine's ``meta_info.routed_experts`` of every sample (compact integer tensors), or None when it sent
+    none (SGLang without --enable-return-routed-experts, or a dense model)."""
+    encoded = [sample.meta_info.get("routed_experts") for sample in outputs]
+    if not config.rollout.enable_return_routed_experts or any(e is None for e in encoded):
+        return None
+    hf = Qwen3MoeArch.from_hf_dir(config.model.path)
+    dtype = routing_dtype(hf.num_experts)
+    return [decode_routed_experts(e, hf.num_layers, hf.num_experts_per_tok).to(dtype) for e in encoded]
+
+
+def _engine_routing_or_fail(samples: Samples) -> list[torch.Tensor]:
+    if samples.routed_experts is None:
+        raise RunError("actor.router_replay.mode=R3: the rollout engine returned no meta_info.routed_experts; "
+                       "an external SGLang server must run with --enable-return-routed-experts")  # fmt: skip
+    for prompt, response, routing in zip(samples.prompt_ids, samples.response_ids, samples.routed_experts):
+        if routing.shape[0] != len(prompt) + len(response) - 1:
+            raise RunError(f"actor.router_replay.mode=R3: the engine's routing covers {routing.shape[0]} "
+                           f"positions of a {len(prompt) + len(response)}-token sample, not seq_len - 1; "
+                           "routed_experts_start_len must be 0")  # fmt: skip
+    return samples.routed_experts
+
+
+def _rollout_correction(config: Config, samples: Samples, mask: torch.Tensor) -> dict[str, float]:
+    """algorithm.rollout_correction on the whole step's batch (every rank computes the same): the IS weights and
+    the rejection mask go into ``samples`` for the loss; returns the ``rollout_corr/`` metrics."""
+    rc = config.algorithm.rollout_correction
+    correction = rollout_correction(
+        samples.old_log_probs.cpu(), samples.rollout_log_probs, mask,
+        rollout_is=rc.rollout_is, rollout_is_threshold=rc.rollout_is_threshold,
+        rollout_is_threshold_lower=rc.rollout_is_threshold_lower, rollout_rs=rc.rollout_rs,
+        rollout_rs_threshold=rc.rollout_rs_threshold, rollout_rs_threshold_lower=rc.rollout_rs_threshold_lower,
+    )  # fmt: skip
+    samples.rollout_is_weights = correction.weights if rc.rollout_is else None
+    samples.loss_mask = correction.loss_mask if rc.rollout_rs else None
+    return {f"rollout_corr/{name}": float(value) for name, value in correction.metrics.items()}
 
 
 def _score(rewards, tokenizer, responses: list) -> tuple[list[float], dict]:
@@ -263,7 +388,8 @@ def _due(freq: int, step: int, total_steps: int) -> bool:
 def _validate(config, prompts, engine, rewards, tokenizer) -> dict[str, float]:
     """Rank 0: answer every validation prompt with ``rollout.val_kwargs`` sampling and score the answers."""
     val = config.rollout.val_kwargs
-    sampling = engine.sampling_params(temperature=val.temperature, top_p=val.top_p, top_k=val.top_k)
+    sampling = engine.sampling_params(temperature=val.temperature, top_p=val.top_p, top_k=val.top_k,
+                                      return_routed_experts=False)  # validation replays nothing  # fmt: skip
     outputs = engine.generate([p.prompt_ids for p in prompts], n=val.n, seed=config.trainer.seed, sampling=sampling,
                               max_new_tokens=config.data.max_response_length)  # fmt: skip
     responses = [(p, s) for p, group in zip(prompts, outputs) for s in group]
@@ -281,7 +407,8 @@ def _validate(config, prompts, engine, rewards, tokenizer) -> dict[str, float]:
 
 
 def _round_seed(seed: int, step: int, round_index: int) -> int:
-    # Seeds are a function of the step, not of how far a process has come, so a resumed run samples the same.
+    # Seeds are a function of the step, not of how far a process has come, so a resumed run samples the same: on the
+    # embedded server always, on SGLang only with rollout.deterministic_inference (it ignores seeds otherwise).
     return (seed * 1_000_003 + step * 1_009 + round_index) % (2**31)
 
 
@@ -296,8 +423,9 @@ def _mini_batches(group_index: list[int], config: Config) -> list[list[int]]:
 
 
 def _engine_memory(engine, config: Config, *, release: bool = False, tags: list[str] | None = None) -> None:
-    """Colocated runs (``rollout.enable_memory_saver``): the engine frees its GPU memory for training and takes it
-    back in two parts, weights first (for the sync), then its KV cache once the trainer has offloaded."""
+    """Colocated runs (``rollout.enable_memory_saver``): the engine frees all its GPU memory (``kv_cache``,
+    ``weights``, ``cuda_graph``) for training and takes it back in two parts, as slime does: the weights first (for
+    the sync), then the KV cache and the CUDA graphs, which replay on that memory, once the trainer has offloaded."""
     if engine is None or not config.rollout.enable_memory_saver:
         return
     if release:
@@ -319,60 +447,176 @@ def _launch_this_nodes_sglang(config: Config, out: str) -> list:
     return launch_node(config.rollout, config.model.path, node_rank, log_dir)
 
 
+# Ranks 1..N-1 wait here for the whole rollout; on gloo they wait on the CPU instead of inside an NCCL kernel
+# next to the rollout engine, and under this timeout instead of the NCCL watchdog's.
+HANDOVER_TIMEOUT = datetime.timedelta(hours=6)
+
+
+@functools.cache
+def _handover_group():
+    return dist.new_group(backend="gloo", timeout=HANDOVER_TIMEOUT)
+
+
 def _broadcast(obj):
+    """Rank 0's batch to every rank (collective: every rank creates the gloo group at its first call)."""
     holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=_handover_group())
     return holder[0]
 
 
 # --- weights, checkpoints -----------------------------------------------------------------------------------------
 
 
-def _sync_weights(actor: MegatronActor, engine, config: Config) -> None:
-    """Collective: the rollout engine gets the actor's weights (rank 0 talks to it)."""
+def _sync_weights(actor: MegatronActor, engine, config: Config, *, version: int) -> None:
+    """Collective: the rollout engine gets the actor's weights (rank 0 talks to it), tagged ``version`` (the step
+    that produced them; samples carry it back as ``meta_info.weight_version``). Colocated (weight sync ``tensor``)
+    every rank gets every full tensor and hands the server rank on its device a handle to it."""
+    from megatron_sapo.convert.megatron_io import export_hf_weights
+    from megatron_sapo.rollout.weight_sync import push_colocated
+
+    mode = _broadcast(engine.weight_sync_mode if is_rank0() else None)
+    if mode == "tensor":
+        named_tensors = export_hf_weights(actor.model, actor.arch, all_ranks=True)
+        if is_rank0():
+            engine.update_weights(named_tensors, weight_version=str(version))
+        else:
+            push_colocated(named_tensors, config.rollout.bucket_bytes)
+        return
     named_tensors = actor.export_hf_weights()
     if is_rank0():
-        engine.update_weights(named_tensors)
+        engine.update_weights(named_tensors, weight_version=str(version))
     else:
         for _ in named_tensors:
             pass
 
 
-def _save(actor: MegatronActor, stream: PromptStream, step: int, checkpoints: str, config: Config) -> None:
+def _from_rank0_or_fail(produce):
+    """Collective: ``produce()`` on rank 0, its result on every rank. When it fails for an outside reason (a dead
+    rollout server), every rank raises the same one-line RunError instead of the others waiting forever."""
+    result = None
+    if is_rank0():
+        try:
+            result = produce()
+        except Exception as error:
+            result = _outside_failure(error)
+            if result is None:
+                raise
+    result = _broadcast(result)
+    if isinstance(result, _Failure):
+        raise RunError(result.message)
+    return result
+
+
+def _everyone_or_fail(run, engine) -> None:
+    """Collective: ``run()`` on every rank (rank 0 talks to the rollout servers); a failure on rank 0 for an outside
+    reason becomes the same one-line RunError on every rank."""
+    failure = None
+    try:
+        run()
+    except Exception as error:
+        failure = _outside_failure(error, engine) if is_rank0() else None
+        if failure is None:
+            raise
+    failure = _broadcast(failure)
+    if failure is not None:
+        raise RunError(failure.message)
+
+
+def _outside_failure(error: Exception, engine=None) -> _Failure | None:
+    """A rank-0 failure that is not a bug: a rollout server gone (whatever error its absence caused, e.g. in a
+    weight-sync collective), a RolloutError, a RunError. None for anything else (a traceback is then right)."""
+    from megatron_sapo.rollout.client import RolloutError
+
+    gone = engine.exit_reason() if engine is not None else None
+    if gone:
+        return _Failure(gone)
+    if isinstance(error, (RolloutError, RunError)):
+        return _Failure(str(error))
+    return None
+
+
+class _Failure:
+    def __init__(self, message: str):
+        self.message = " ".join(message.split())  # one line
+
+
+def _save(actor: MegatronActor, stream: PromptStream, step: int, checkpoints: str, config: Config,
+          extra_state: dict | None = None) -> None:  # fmt: skip
     ckpt = step_dir(checkpoints, step)
-    state = {"step": step, "data": stream.state_dict()}
+    state = {"step": step, "data": stream.state_dict(), **(extra_state or {})}
+    previous = latest_step(checkpoints)  # the same structure: its size is what this one needs
     save_sharded(actor.sharded_state_dict(), ckpt, extra_files={TRAINER_STATE_FILE: json.dumps(state)},
-                 timeout_s=config.trainer.save_timeout_s)  # fmt: skip
+                 timeout_s=config.trainer.save_timeout_s,
+                 expected_bytes=checkpoint_bytes(step_dir(checkpoints, previous)) if previous else None)  # fmt: skip
     if is_rank0():
         publish_latest(checkpoints, ckpt, config.trainer.max_checkpoints_to_keep)
     dist.barrier()
 
 
 def _resume_checkpoint(config: Config, checkpoints: str) -> str | None:
-    if config.trainer.resume == "disable":
+    """Collective: the checkpoint to resume from, chosen on rank 0 after verifying it against its manifest.
+
+    ``trainer.resume=auto`` passes over a damaged newest checkpoint to the newest complete one, with one warning
+    line; a named checkpoint that fails the check is one error line."""
+    resume = config.trainer.resume
+    if resume == "disable":
         return None
-    if config.trainer.resume == "auto":
-        return latest_checkpoint(checkpoints)
-    return config.trainer.resume
+    choice: tuple[str | None, str | None] = (None, None)  # (checkpoint, error)
+    if is_rank0():
+        remove_partial_saves(checkpoints)
+        if resume == "auto":
+            path, skipped = resume_candidates(checkpoints)
+            if path and skipped:
+                logger.warning("trainer.resume=auto: passed over %s; resuming from %s", "; ".join(skipped), path)
+            choice = (path, None) if path or not skipped else (
+                None, f"trainer.resume=auto: no complete checkpoint in {checkpoints} ({'; '.join(skipped)}); set "
+                      "trainer.resume=disable to start over or name a checkpoint")  # fmt: skip
+        else:
+            problem = checkpoint_problem(resume, required=(TRAINER_STATE_FILE,))
+            choice = (None, f"trainer.resume={resume}: the checkpoint {problem}; name a complete one (or use auto)") \
+                if problem else (resume, None)  # fmt: skip
+    path, error = _broadcast(choice)
+    if error:
+        raise InputError(error)
+    return path
 
 
 def _export_hf(actor: MegatronActor, config: Config, hf_dir: str) -> None:
-    from megatron_sapo.convert.hf_io import write_hf_checkpoint
+    """Rank 0 streams the gathered tensors into HF safetensors shards (5 GB, with an index) in the dtype of the
+    model's config.json, written atomically; it holds at most one shard file's worth of host memory."""
+    from megatron_sapo.convert.hf_io import config_dtype, write_hf_checkpoint
 
     named_tensors = actor.export_hf_weights()
     if is_rank0():
-        tmp = hf_dir + ".tmp"
-        write_hf_checkpoint(named_tensors, tmp, template_dir=config.model.path)
-        replace_dir(tmp, hf_dir)
-        logger.info("final policy exported to %s", hf_dir)
+        start = time.perf_counter()
+        dtype = config_dtype(config.model.path)
+        tensors, nbytes = write_hf_checkpoint(named_tensors, hf_dir, template_dir=config.model.path, dtype=dtype)
+        logger.info("final policy exported to %s: %d tensors, %.3f GB in %.1f s",
+                    hf_dir, tensors, nbytes / 1e9, time.perf_counter() - start)  # fmt: skip
     else:
         for _ in named_tensors:
             pass
     dist.barrier()
 
 
+# On GPU: this process's peak allocated bytes per phase over the run (bench/gpu_smoke.py prints them).
+PHASE_PEAK_BYTES: dict[str, int] = {}
+
+
 @contextmanager
 def _timer(timings: dict[str, float], name: str):
+    """Wall time of a phase; on GPU the kernels it queued are waited for, so the time is the phase's own."""
+    _synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     yield
+    _synchronize()
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    if torch.cuda.is_available():
+        PHASE_PEAK_BYTES[name] = max(PHASE_PEAK_BYTES.get(name, 0), torch.cuda.max_memory_allocated())
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

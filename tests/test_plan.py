@@ -125,14 +125,41 @@ def test_optimizer_bytes_shard_over_dp_and_expert_dp():
     shard = stage.dense / 4 + stage.expert / 2
     # Hybrid CPU optimizer, all of it on the host; the precision-aware path (actor.py sets it with the CPU
     # optimizer) keeps the fp32 main shard there too.
+    # fp32 params and Adam moments are torch AdamW's own tensors on the host: pageable.
     offloaded = dataclasses.replace(settings, optimizer_cpu_offload=True, optimizer_offload_fraction=1.0)
     result = plan.optimizer_bytes(stage, offloaded)
-    assert (result.gpu, result.host) == (0, round(16 * shard))
+    assert (result.gpu, result.host) == (0, round(12 * shard))
+    # Only the fp32 gradient copies are pinned, one per parameter shard, each a power of two: between 4 and 8
+    # bytes per parameter.
+    assert 4 * shard <= result.pinned < 8 * shard
+    # megatron builds the hybrid optimizer from the whole params first: fp32 copies of all of them, once.
+    assert result.startup == 4 * stage.total
     half = plan.optimizer_bytes(stage, dataclasses.replace(offloaded, optimizer_offload_fraction=0.5))
-    assert (half.gpu, half.host) == (round(12 * 0.5 * shard), round(16 * 0.5 * shard))
+    assert (half.gpu, half.host, half.pinned) == (round(12 * 0.5 * shard), round(12 * 0.5 * shard),
+                                                  round(0.5 * result.pinned))  # fmt: skip
     # Without the precision-aware path the fp32 main shard would stay on the GPU.
     legacy = plan.optimizer_bytes(stage, dataclasses.replace(offloaded, precision_aware_optimizer=False))
     assert legacy.gpu == round(4 * shard)
+
+
+def test_pinned_gradient_copies_are_powers_of_two_by_hand(recipe):
+    """The recipe (EP 8, expert-DP 1): every expert weight is its own shard; its pinned fp32 gradient copy rounds
+    up to a power of two: fc1 [2·768, 2048] to 16 MiB (from 12), fc2 [2048, 768] to 8 MiB (from 6)."""
+    config, arch = recipe
+    settings = plan.PlanSettings.from_config(config, 8)
+    stage = plan.stage_params(arch, settings.layout, 0)
+    experts_only = dataclasses.replace(stage, dense=0, dense_tensors=())
+    pinned = plan.optimizer_bytes(experts_only, settings).pinned
+    assert pinned == 48 * (128 // 8) * (16 + 8) * 2**20
+    assert pinned == pytest.approx(4 / 3 * 4 * stage.expert)
+
+
+def test_offloaded_params_have_one_pinned_power_of_two_copy_per_buffer(recipe):
+    config, arch = recipe
+    stage = plan.plan_memory(config, arch, 8).training
+    params = stage.row("params (bfloat16)")
+    dense_gib, expert_gib = 2, 8  # 0.78B dense params in 1.55 GB, 3.62B expert params in 7.25 GB
+    assert params.pinned == (dense_gib + expert_gib) * GIB and params.host == 0
 
 
 # --- offload ----------------------------------------------------------------------------------------------------------
@@ -193,3 +220,57 @@ def test_pipeline_plans_first_and_last_stage():
     # 1F1B: the first stage keeps 4 micro-batches' layer inputs, the last one.
     assert first_act.kept == 4 * last_act.kept
     assert first.row("activations kept for backward").training == first_act.kept
+
+
+# --- the plan against what the actor allocates ------------------------------------------------------------------------
+
+
+def test_plan_matches_the_actors_allocations_in_two_layouts(tiny_hf_dir, tmp_path):
+    """Per rank: bytes of the DDP param and grad buffers and of the optimizer's own device tensors (fp32 main params
+    and Adam moments, as megatron's init_state_fn allocates them) in bf16, against the plan's rows; and offload
+    frees all three (the hybrid optimizer's GPU half too) and reload restores them (~25 s)."""
+    from torchrun import torchrun
+
+    from megatron_sapo.data.arithmetic import write_arithmetic_jsonl
+
+    train_file = write_arithmetic_jsonl(str(tmp_path / "train.jsonl"), num=4)
+    offload = [f"actor.megatron.{name}_offload=true" for name in ("param", "grad", "optimizer")]
+    hybrid = ["actor.megatron.optimizer_cpu_offload=true", "actor.megatron.optimizer_offload_fraction=0.5"]
+    layouts = {
+        # dense params sharded over DP 2, experts over expert-DP 1; then TP 2 with sequence parallel, DP 1
+        "tp1_ep2": ["actor.megatron.expert_model_parallel_size=2", *offload],
+        "tp2_ep2": ["actor.megatron.tensor_model_parallel_size=2", "actor.megatron.expert_model_parallel_size=2"],
+        "hybrid_half": ["actor.megatron.expert_model_parallel_size=2", *hybrid, *offload],
+    }
+    result = torchrun("actor_memory.py", "--hf-dir", tiny_hf_dir, "--train-file", train_file,
+                      "--layouts", json.dumps(layouts))  # fmt: skip
+    for name, ranks in result.items():
+        assert len(ranks) == 2
+        for rank, row in enumerate(ranks):
+            real = row["real"]
+            assert all(value > 0 for value in real.values()), (name, rank, real)
+            if name != "hybrid_half":  # which params the hybrid optimizer keeps on the GPU goes by whole params
+                for part, value in real.items():
+                    assert row["plan"][part] == pytest.approx(value, rel=0.05), (name, rank, part, row["plan"])
+            if name != "tp2_ep2":
+                assert row["offloaded"] == {"params": 0, "grads": 0, "optimizer": 0}, (name, rank)
+                assert row["reloaded"] == real, (name, rank)
+
+
+def test_unfused_swiglu_keeps_its_silu_output_and_logits_get_a_second_copy():
+    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    f, k = arch.moe_intermediate_size, arch.num_experts_per_tok
+    # Fused (TE): fc1 output 2f and the weighted SwiGLU output f per routed copy; unfused: + silu and SwiGLU output.
+    assert plan.moe_bytes_per_token(arch, 1, fused=False) - plan.moe_bytes_per_token(arch, 1) == 2 * 2 * f * k
+    assert plan.dense_mlp_bytes_per_token(arch, fused=False) - plan.dense_mlp_bytes_per_token(arch) == 2 * (
+        arch.intermediate_size
+    )
+    # One sample of 4096 tokens, no chunking, TP 2: the bf16 logits [T, V/2] twice (transposed copy / contiguous
+    # gradient) outweigh two fp32 work chunks only when the chunk is small; with 512-token chunks they do.
+    layout = ParallelLayout(2, 1, 1, 8, 1)
+    settings = plan.PlanSettings(layout=layout, world_size=8, max_tokens_per_micro_batch=4096, log_prob_chunk_size=512)
+    logits = 2 * 4096 * arch.padded_vocab_size // 2
+    inputs = 2 * 2 * arch.hidden_size * 4096 // 2
+    assert plan.output_layer_bytes(arch, settings) == inputs + 2 * logits
+    unchunked = dataclasses.replace(settings, log_prob_chunk_size=None)
+    assert plan.output_layer_bytes(arch, unchunked) == inputs + logits + 2 * 4 * 4096 * arch.padded_vocab_size // 2

@@ -24,8 +24,9 @@ from megatron_sapo.rollout.client import (
     parse_generate_response,
 )
 from megatron_sapo.rollout.config import RolloutConfig
-from megatron_sapo.rollout.process import http_status, wait_until_serving
+from megatron_sapo.rollout.process import http_status, server_env, wait_until_serving
 from megatron_sapo.rollout.sglang import launch_node, plan_servers, server_urls
+from megatron_sapo.rollout.weight_sync import resolve_weight_sync
 
 PY = sys.executable
 
@@ -155,7 +156,6 @@ def test_sglang_interpreter_and_data_parallel_flags():
         (dict(tp_size=8, num_nodes=2, host="0.0.0.0", port=1), r"rollout.node_hosts lists 0 address"),
         (dict(num_nodes=2, node_hosts=["a", "b"], port=1), r"rollout.host=127.0.0.1 binds loopback"),
         (dict(num_nodes=2, node_hosts=["a", "b"], host="0.0.0.0"), r"rollout.port=0 picks free ports"),
-        (dict(tp_size=2, dp_size=2), r"rollout.dp_size=2 with rollout.weight_sync=distributed"),
     ],
 )  # fmt: skip
 def test_bad_layouts_are_one_line_input_errors(fields, message):
@@ -170,16 +170,101 @@ def test_bad_layouts_are_one_line_input_errors(fields, message):
     [
         (dict(backend="vllm"), r"rollout.backend='vllm': use one of embedded, sglang, external"),
         (dict(backend="external"), r"rollout.backend=external needs rollout.urls"),
-        (dict(backend="external", router_url="http://r:1"), r"weight_sync=distributed needs rollout.urls"),
+        (dict(backend="external", router_url="http://r:1", weight_sync="distributed"),
+         r"weight_sync=distributed needs rollout.urls"),
         (dict(urls=["10.0.0.1:30000"]), r"rollout.urls: '10.0.0.1:30000' is not an http\(s\) URL"),
         (dict(top_p=0.0), r"rollout.top_p=0.0: must be in \(0, 1\]"),
-        (dict(weight_sync="nfs"), r"rollout.weight_sync='nfs': use one of distributed, disk"),
+        (dict(weight_sync="nfs"), r"rollout.weight_sync='nfs': use one of auto, tensor, distributed, disk"),
         (dict(mem_fraction_static=1.5), r"rollout.mem_fraction_static=1.5"),
     ],
 )  # fmt: skip
 def test_bad_config_is_an_input_error_naming_the_field(fields, message):
     with pytest.raises(InputError, match=message):
         RolloutConfig(**fields)
+
+
+# --- which weight sync a layout gets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, trainer_ranks, ranks, servers, mode",
+    [
+        # The 30B recipe: 8 trainer ranks on 8 GPUs, two TP-4 servers on the same GPUs: colocated.
+        (dict(backend="sglang", tp_size=4, ep_size=4), 8, [4, 4], None, "tensor"),
+        # 4 nodes x 8 GPUs, eight TP-4 servers (config_multinode.yaml).
+        (dict(backend="sglang", tp_size=4, num_nodes=4), 32, [4] * 8, None, "tensor"),
+        # The demo: 2 trainer ranks, the embedded server standing in for one TP-2 server.
+        (dict(backend="embedded", tp_size=2), 2, [2], None, "tensor"),
+        (dict(backend="embedded"), 2, [1], None, "distributed"),  # fewer server ranks: a gloo broadcast
+        (dict(backend="sglang", tp_size=2, dp_size=2), 8, [4, 4], None, "disk"),  # replicas: neither
+        (dict(backend="sglang", tp_size=4), 4, [4, 4], None, "disk"),  # not one server rank per trainer rank
+        (dict(backend="external", urls=["http://a:1", "http://b:1"]), 8, [4, 4], [{"dp_size": 1}] * 2, "distributed"),
+        (dict(backend="external", urls=["http://a:1"]), 8, [2], [{"dp_size": 1, "pp_size": 2}], "disk"),
+        (dict(backend="external", router_url="http://r:1", weight_sync="disk"), 8, [], None, "disk"),
+        (dict(backend="external", urls=["http://a:1"], weight_sync="tensor"), 4, [4], [{"dp_size": 1}], "tensor"),
+    ],
+)  # fmt: skip
+def test_auto_weight_sync_follows_the_layout(fields, trainer_ranks, ranks, servers, mode):
+    config = RolloutConfig(**{"weight_sync": "auto", **fields})
+    assert resolve_weight_sync(config, trainer_ranks=trainer_ranks, ranks_per_server=ranks, servers=servers) == mode
+
+
+@pytest.mark.parametrize(
+    "fields, trainer_ranks, ranks, servers, message",
+    [
+        (dict(backend="sglang", tp_size=4, weight_sync="distributed"), 8, [4, 4], None,
+         r"rollout.weight_sync=distributed with rollout.backend=sglang: the launched servers share the trainer's "
+         r"GPUs .* NCCL refuses two ranks of one communicator on one GPU; use weight_sync=tensor"),
+        (dict(backend="sglang", tp_size=4, weight_sync="tensor"), 4, [4, 4], None,
+         r"rollout.weight_sync=tensor hands trainer rank r's tensors to server rank r on its device, but 4 trainer "
+         r"rank\(s\) face 8 server rank\(s\)"),
+        (dict(backend="sglang", tp_size=2, dp_size=2, weight_sync="tensor"), 8, [4, 4], None,
+         r"a server runs dp_size=2 data-parallel replicas, and SGLang 0.5.23 loads tensors and broadcasts only with "
+         r"dp_size=1"),
+        (dict(backend="external", urls=["http://a:1"], weight_sync="distributed"), 8, [4], [{"dp_size": 2}],
+         r"rollout.weight_sync=distributed: a server runs dp_size=2"),
+        (dict(backend="external", urls=["http://a:1"], weight_sync="distributed"), 8, [4], [{"pp_size": 2}],
+         r"pp_size=2, and SGLang numbers the update ranks by TP rank only"),
+        (dict(backend="embedded", tp_size=2, weight_sync="distributed"), 2, [2], None,
+         r"the embedded server joins the update group as one rank, so it needs rollout.tp_size=1"),
+    ],
+)  # fmt: skip
+def test_impossible_weight_sync_is_one_line(fields, trainer_ranks, ranks, servers, message):
+    config = RolloutConfig(**fields)
+    with pytest.raises(InputError, match=message) as error:
+        resolve_weight_sync(config, trainer_ranks=trainer_ranks, ranks_per_server=ranks, servers=servers)
+    assert "\n" not in str(error.value)
+
+
+def test_an_impossible_weight_sync_stops_the_config_before_any_work(tiny_hf_dir):
+    """The demo recipe with a broadcast group: its embedded TP-2 server cannot join one as two ranks."""
+    import os
+
+    from megatron_sapo.config import load_config
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny_moe", "config.yaml")
+    config = load_config(recipe, [], world_size=2, check_paths=False, hf_config_dir=tiny_hf_dir)
+    assert (config.rollout.weight_sync, config.rollout.tp_size) == ("auto", 2)
+    with pytest.raises(InputError, match=r"^rollout.weight_sync=distributed: the embedded server joins the update "
+                                         r"group as one rank, so it needs rollout.tp_size=1 \(got 2\)"):  # fmt: skip
+        load_config(recipe, ["rollout.weight_sync=distributed"], world_size=2, check_paths=False,
+                    hf_config_dir=tiny_hf_dir)  # fmt: skip
+
+
+def test_servers_environment_drops_expandable_segments(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    cases = [
+        ("expandable_segments:True", None),
+        ("max_split_size_mb:64, expandable_segments:True", "max_split_size_mb:64"),
+        ("garbage_collection_threshold:0.6", "garbage_collection_threshold:0.6"),
+    ]
+    for value, kept in cases:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", value)
+        monkeypatch.setenv("PYTORCH_ALLOC_CONF", value)
+        env = server_env(OMP_NUM_THREADS="1")
+        assert env.get("PYTORCH_CUDA_ALLOC_CONF") == kept and env.get("PYTORCH_ALLOC_CONF") == kept
+        assert "RANK" not in env and env["OMP_NUM_THREADS"] == "1"
+    assert __import__("os").environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"  # trainer's own
 
 
 # --- the launcher's processes --------------------------------------------------------------------------------------
@@ -195,6 +280,8 @@ for flag in ("--model-path", "--host", "--port", "--tp-size", "--base-gpu-id", "
 args, _ = parser.parse_known_args(sys.argv[3:])
 with open(os.path.join({record!r}, "argv-" + args.port), "w") as f:
     json.dump(sys.argv, f)
+with open(os.path.join({record!r}, "alloc-conf-" + args.port), "w") as f:
+    json.dump(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), f)
 os.execv({python!r}, [{python!r}, "-m", "megatron_sapo.rollout.server", "--model-path", args.model_path,
                       "--host", args.host, "--port", args.port, "--log-level", "warning"])
 """
@@ -217,10 +304,11 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def test_sglang_backend_launches_every_server_and_syncs_them_all_in_one_group(tiny_hf_dir, tmp_path):
+def test_sglang_backend_launches_every_server_and_syncs_them_all_in_one_group(tiny_hf_dir, tmp_path, monkeypatch):
     """The engine's sglang backend end to end, with the embedded server standing in for sglang: two servers on
     "GPUs" 0 and 1, health waited for, generation spread over both, one broadcast group of 3 ranks (trainer at 0,
-    servers at rank_offset 1 and 2), and a clean stop."""
+    servers at rank_offset 1 and 2), and a clean stop. The servers' environment has the trainer's allocator settings
+    without expandable_segments (torch_memory_saver refuses to start with it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -240,14 +328,19 @@ def test_sglang_backend_launches_every_server_and_syncs_them_all_in_one_group(ti
     assert scaled != original
 
     config = RolloutConfig(backend="sglang", tp_size=1, gpus_per_node=2, sglang_python=fake_sglang_python(tmp_path),
-                           dist_backend="gloo", bucket_size_mb=0.1, max_new_tokens=8)  # fmt: skip
+                           weight_sync="distributed", dist_backend="gloo", bucket_size_mb=0.1,
+                           max_new_tokens=8)  # fmt: skip
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:64")
     engine = RolloutEngine(config, model_path=tiny_hf_dir, log_dir=str(tmp_path / "logs"))
     try:
         assert len(engine.urls) == 2 and engine.ranks_per_server == [1, 1]
+        assert engine.weight_sync_mode == "distributed"
         for index, url in enumerate(engine.urls):
             with open(tmp_path / f"argv-{url.rsplit(':', 1)[1]}") as f:
                 argv = json.load(f)
             assert argv[argv.index("--base-gpu-id") + 1] == str(index) and argv[argv.index("--tp-size") + 1] == "1"
+            with open(tmp_path / f"alloc-conf-{url.rsplit(':', 1)[1]}") as f:
+                assert json.load(f) == "max_split_size_mb:64"
         params = engine.sampling_params(temperature=0.0, ignore_eos=True)
         assert [g[0].response_ids for g in engine.generate([prompt] * 4, n=1, sampling=params)] == [original] * 4
 
@@ -333,6 +426,11 @@ def test_admin_requests_carry_sglangs_fields():
         await client.update_weights_from_disk(stub.url, "/ckpt/step7", weight_version="7")
         await client.release_memory_occupation(stub.url, ["weights"])
         await client.resume_memory_occupation(stub.url)
+        await client.begin_weight_update(stub.url)
+        await client.update_weights_from_tensor(stub.url, ["cGF5bG9hZA=="], weight_version="8")
+        await client.end_weight_update(stub.url)
+        await client.server_info(stub.url)
+        await client.model_info(stub.url)
         await client.close()
 
     try:
@@ -340,8 +438,16 @@ def test_admin_requests_carry_sglangs_fields():
     finally:
         stub.close()
     (_, init_path, init), (_, dist_path, dist), (_, disk_path, disk), (_, rel_path, rel), (_, res_path, res) = (
-        stub.requests
+        stub.requests[:5]
     )
+    assert [(method, path, body) for method, path, body in stub.requests[5:]] == [
+        ("POST", "/begin_weight_update", {}),
+        ("POST", "/update_weights_from_tensor",
+         {"serialized_named_tensors": ["cGF5bG9hZA=="], "flush_cache": True, "weight_version": "8"}),
+        ("POST", "/end_weight_update", {}),
+        ("GET", "/server_info", None),
+        ("GET", "/model_info", None),
+    ]  # fmt: skip
     assert init_path == "/init_weights_update_group" and set(init) == INIT_GROUP_FIELDS
     assert init == {"master_address": "10.1.2.3", "master_port": 29555, "rank_offset": 1, "world_size": 3,
                     "group_name": "weight_update_group", "backend": "nccl"}  # fmt: skip

@@ -1,10 +1,14 @@
-"""Weight updates: after an update (from disk, or broadcast from 2 trainer ranks) a server generates exactly what a
-fresh server loaded with the new weights generates."""
+"""Weight updates: after an update (from disk, broadcast from 2 trainer ranks, or handed over as tensor handles by
+colocated trainer ranks) a server generates exactly what a fresh server loaded with the new weights generates; and
+the server holds the trainer to SGLang 0.5.23's order (weight-update sessions, memory tags)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -168,12 +172,101 @@ def test_a_trainer_under_torchrun_starts_its_embedded_server_and_broadcasts_to_i
     result = torchrun("rollout_weight_sync.py", "--start-from", tiny_hf_dir, "--hf-dir", perturbed_dir,
                       "--bucket-kb", "64", nproc=2, timeout=300)  # fmt: skip
     assert [p["buckets"] >= 10 for p in result["pushes"]] == [True, True]
-    got = result["generations"]
-    assert [ids for ids, _ in got] == [s.response_ids for s in fresh]
+    assert result["mode"] == "distributed"  # the embedded server has one rank, the trainer two: a gloo broadcast
+    assert_same_generations_json(result["generations"], fresh)
+
+
+def assert_same_generations_json(got, want):
+    assert [ids for ids, _, _ in got] == [s.response_ids for s in want]
     worst = max(
-        max(abs(a - b) for a, b in zip(lps, s.logprobs, strict=True)) for (_, lps), s in zip(got, fresh, strict=True)
+        max(abs(a - b) for a, b in zip(lps, s.logprobs, strict=True)) for (_, lps, _), s in zip(got, want, strict=True)
     )
     assert worst <= 1e-5, worst
+
+
+def test_colocated_trainer_ranks_hand_their_server_ranks_tensor_handles(fresh, tiny_hf_dir, perturbed_dir):
+    """weight_sync=auto on 2 trainer ranks with the embedded server standing in for a TP-2 server: tensor handles
+    (shared-memory files on CPU), each rank's to its own server rank. First push: rank 0 hands the perturbed
+    checkpoint, rank 1 the original, so server rank r's rows (shard r of every tensor) come from rank r's payload,
+    which transformers, given those mixed weights, confirms; second push: both perturbed, as a fresh server."""
+    from transformers import AutoModelForCausalLM
+
+    result = torchrun("rollout_weight_sync.py", "--mode", "tensor", "--start-from", tiny_hf_dir, "--hf-dir",
+                      perturbed_dir, "--rank1-first", tiny_hf_dir, "--bucket-kb", "64", nproc=2,
+                      timeout=300)  # fmt: skip
+    assert result["mode"] == "tensor" and result["ranks_per_server"] == [2]
+    assert [p["tensors"] for p in result["pushes"]] == [87, 87] and min(p["buckets"] for p in result["pushes"]) >= 10
+    assert result["default_group_sums"] == [3.0, 3.0]
+
+    original, perturbed = dict(iter_safetensors(tiny_hf_dir)), dict(iter_safetensors(perturbed_dir))
+    mixed = [(name, torch.cat([perturbed[name].tensor_split(2)[0], original[name].tensor_split(2)[1]]))
+             for name in original]  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    HFWeightWriter(model).write(mixed)
+    want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=3)[0, len(p) :].tolist() for p in PROMPTS]  # fmt: skip
+    assert result["first_greedy"] == want
+    assert want != [s.response_ids for s in fresh[:3]]  # neither checkpoint alone
+
+    assert_same_generations_json(result["generations"], fresh)
+    assert {v for _, _, v in result["generations"]} == {"torchrun-1"}
+
+
+def post(url: str, path: str, body: dict):
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_tensor_update_in_one_process_generates_like_a_fresh_server(server, fresh, tiny_hf_dir, perturbed_dir):
+    """A one-process trainer colocated with a TP-1 server (weight_sync=tensor, external): the same generations."""
+    config = RolloutConfig(backend="external", urls=server.urls, weight_sync="tensor", bucket_size_mb=BUCKET_MB)
+    with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
+        stats = trainer_side.update_weights(iter_safetensors(perturbed_dir), weight_version="tensor-1")
+    assert stats.tensors == 87 and stats.buckets >= 10
+    got = generations(server)
+    assert_same_generations(got, fresh)
+    assert {s.weight_version for s in got} == {"tensor-1"}
+    server.update_weights(iter_safetensors(tiny_hf_dir))  # back to the original weights, from disk
+
+
+def test_the_server_holds_the_trainer_to_sglangs_order(server, baseline, tiny_hf_dir):
+    """As SGLang 0.5.23: tensor and broadcast updates only inside a session, one session at a time, no update into
+    released weights; a failed update still closes the session it opened."""
+    from megatron_sapo.rollout.weight_sync import pack_bucket, serialize_named_tensors
+
+    url = server.urls[0]
+    _, views = pack_bucket([("model.norm.weight", torch.ones(64))])
+    tensor_update = {"serialized_named_tensors": [serialize_named_tensors(views)]}
+    outside = "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+    assert post(url, "/update_weights_from_tensor", tensor_update) == (400, {"success": False, "message": outside})
+    status, reply = post(url, "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
+    assert status == 400 and "must run between begin_weight_update() and end_weight_update()" in reply["message"]
+    assert post(url, "/end_weight_update", {})[1]["message"].startswith("no weight-update session is open")
+    assert post(url, "/begin_weight_update", {})[0] == 200
+    try:
+        assert post(url, "/begin_weight_update", {})[1]["message"].startswith("a weight-update session is already")
+        assert post(url, "/update_weights_from_tensor", {**tensor_update, "serialized_named_tensors": []})[0] == 400
+        server.release_memory(["weights"])
+        status, reply = post(url, "/update_weights_from_tensor", tensor_update)
+        assert status == 400 and "the weights are released" in reply["message"]
+        server.resume_memory(["weights"])
+    finally:
+        assert post(url, "/end_weight_update", {})[0] == 200
+
+    config = RolloutConfig(backend="external", urls=server.urls, weight_sync="tensor", bucket_size_mb=BUCKET_MB)
+    with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
+        bad = [("model.norm.weight", torch.ones(64)), ("model.layers.0.mlp.not_a_weight", torch.ones(4))]
+        message = r"update_weights_from_tensor: HTTP 400: Failed to update weights from tensors: model.layers.0.mlp"
+        with pytest.raises(RolloutError, match=message + r".not_a_weight: no such weight"):
+            trainer_side.update_weights(iter(bad))
+    assert post(url, "/begin_weight_update", {})[0] == 200  # the failed update closed its session
+    assert post(url, "/end_weight_update", {})[0] == 200
+    assert_same_generations(generations(server), baseline)  # the refused bucket changed nothing
 
 
 def test_a_refused_broadcast_bucket_fails_clearly_and_the_next_update_works(server, baseline, tiny_hf_dir):

@@ -230,6 +230,11 @@ def test_killed_while_saving_then_resumed_reproduces_the_reference(reference_run
     assert [row["step"] for row in resumed] == [0, 1, 2, 3, 4]
     _assert_same_steps(resumed, _metrics(reference_run), steps=(3, 4))
     assert sorted(os.listdir(checkpoints)) == ["iter_0000004", "latest"]
+    # Two more Adam steps per training step after the resume (the optimizer's step count came back): same weights.
+    resumed_weights, reference = _hf_tensors(os.path.join(out, "hf")), _hf_tensors(os.path.join(reference_run, "hf"))
+    assert resumed_weights.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed_weights[name], reference[name]), name
 
 
 def test_offloaded_run_equals_reference(reference_run, inputs, tmp_path):
@@ -268,6 +273,32 @@ def test_other_layouts_agree_with_expert_parallel_reference(layout, reference_ru
     assert [row["step"] for row in rows] == [0, 1]
     assert rows[1]["rollout/logprob_diff"] < 1e-5
     _assert_same_steps(rows, _metrics(reference_run), steps=(0, 1), tol=1e-4)
+
+
+def test_r3_replays_the_engine_routing(reference_run, inputs, tmp_path):
+    """The recipe's R3: the trainer's old-log-prob pass replays the embedded server's routing token for token
+    (agreement 1.0), so its log-probs equal the engine's (a misaligned routing, off by a position, a layer or a
+    sample, would break both). Without replay the rollouts are the same; the updates are not: after the first
+    optimizer step of a training step the trainer re-routes, where R3 keeps the rollout's routing."""
+    reference = _metrics(reference_run)
+    for row in reference[1:]:
+        assert row["rollout/router_agreement"] == 1.0
+        assert row["rollout/logprob_diff"] < 1e-5
+        assert row["rollout_corr/kl"] == pytest.approx(0.0, abs=1e-5)
+    out = str(tmp_path / "run")
+    _train(_overrides(
+        inputs, out, "actor.megatron.expert_model_parallel_size=2", "actor.router_replay.mode=disabled",
+        "rollout.enable_return_routed_experts=true", "trainer.total_steps=1", "trainer.save_freq=0",
+        "trainer.export_hf_at_end=false",
+    ))  # fmt: skip
+    rows = _metrics(out)
+    assert [row["step"] for row in rows] == [0, 1]
+    # Same weights on both sides in float32: the trainer's natural routing is the engine's.
+    assert rows[1]["rollout/router_agreement"] == 1.0
+    _assert_same_steps(rows, reference, steps=(0,))
+    for key in ("reward/mean", "response_length/mean", "rollout/logprob_diff"):
+        assert rows[1][key] == pytest.approx(reference[1][key], abs=1e-7)
+    assert rows[1]["actor/grad_norm"] != pytest.approx(reference[1]["actor/grad_norm"], rel=1e-4)
 
 
 def test_offload_frees_and_restores_buffers(inputs):

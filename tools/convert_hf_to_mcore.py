@@ -4,22 +4,27 @@
     torchrun --nproc_per_node=2 tools/convert_hf_to_mcore.py --hf-dir HF --out MCORE --tp 2 [--verify]
 
 The checkpoint loads under any other layout. It is written to ``MCORE.tmp`` and renamed when complete, so a
-failed or killed run never leaves a partial ``MCORE``. ``--verify`` reloads the written checkpoint and compares
+failed or killed run never leaves a partial ``MCORE``. No model is initialised: each rank reads the HF tensors its
+shard needs and hands them to megatron's writer, holding its shard once. ``--dtype`` picks the dtype written
+(default: config.json's ``torch_dtype``). ``--verify`` reloads the written checkpoint and compares
 its logits with transformers' on a fixed random batch, exiting non-zero above ``--tolerance``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+import time
 
-import torch
+START = time.perf_counter()
 
-from megatron_sapo.errors import InputError
-from megatron_sapo.parallel.layout import ParallelLayout
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from megatron_sapo.convert.cli import host_only_quiet  # noqa: E402
+from megatron_sapo.errors import InputError  # noqa: E402
+
+host_only_quiet()
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,23 +35,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     parser.add_argument("--ep", "--expert-model-parallel-size", dest="ep", type=int, default=1)
     parser.add_argument("--etp", "--expert-tensor-parallel-size", dest="etp", type=int, default=1)
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the checkpoint's dtype")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="dtype written; auto: config.json's torch_dtype (else the tensors' own)")  # fmt: skip
+    parser.add_argument("--fully-parallel", action=argparse.BooleanOptionalAction, default=False,
+                        help="ranks holding the same replicated tensors share writing them (megatron's fully-"
+                             "parallel save); off: their first replica writes them, faster on one node's disk "
+                             "(bench/convert_bench.py)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--verify", action="store_true", help="compare logits with transformers afterwards")
     parser.add_argument("--tolerance", type=float, default=None, help="max abs logit diff (1e-4 fp32, 0.1 bf16)")
     return parser.parse_args(argv)
 
 
-def checkpoint_dtype(reader) -> torch.dtype:
-    name = next(iter(sorted(reader.names())))
-    return reader.get(name).dtype
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_sapo.convert.hf_io import HFCheckpointReader
+    import torch
+
+    from megatron_sapo.convert.hf_io import DTYPES, HFCheckpointReader, config_dtype
     from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
-    from megatron_sapo.parallel.layout import validate_layout
+    from megatron_sapo.parallel.layout import ParallelLayout, validate_layout
 
     # Everything that can be wrong with the input is checked before any process group or model exists.
     arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
@@ -56,29 +63,33 @@ def main(argv=None) -> int:
     validate_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), arch, training=False)
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise InputError(f"--out: {args.out} exists and is not empty; pass --overwrite or choose another folder")
-    dtype = checkpoint_dtype(reader) if args.dtype == "auto" else DTYPES[args.dtype]
+    if args.dtype != "auto":
+        dtype = DTYPES[args.dtype]
+    else:
+        dtype = config_dtype(args.hf_dir) or reader.get(min(reader.names())).dtype
     tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == torch.float32 else 0.1)
 
-    from megatron_sapo.checkpoint import load_sharded, save_sharded
-    from megatron_sapo.convert.megatron_io import load_hf_weights
+    from megatron_sapo.checkpoint import save_sharded
+    from megatron_sapo.convert.cli import folder_bytes, peak_rss_bytes, summary_line
+    from megatron_sapo.convert.megatron_io import hf_sharded_state_dict, load_checkpoint_in_place
     from megatron_sapo.convert.verify import megatron_logits, transformers_logits, verification_batch
     from megatron_sapo.models.qwen3_moe import ModelOptions, build_model
     from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
 
     initialize_model_parallel(layout, arch=arch, training=False)
-    chunks = build_model(arch, layout, ModelOptions(params_dtype=dtype))
-    load_hf_weights(chunks, reader, arch)
+    options = ModelOptions(params_dtype=dtype, init_weights=False)
+    with torch.device("meta"):  # the model only describes the sharding: its tensors come from the HF files
+        chunks = build_model(arch, layout, options)
+    sharded = hf_sharded_state_dict(chunks, reader, arch)
     with open(os.path.join(args.hf_dir, "config.json")) as f:
         hf_config = f.read()
-    save_sharded({"model": chunks[0].sharded_state_dict()}, args.out, extra_files={"hf_config.json": hf_config})
-    if is_rank0():
-        print(f"wrote {args.out} (tp={layout.tp} pp={layout.pp} ep={layout.ep} etp={layout.etp}, {dtype})")
+    save_sharded(sharded, args.out, extra_files={"hf_config.json": hf_config}, fully_parallel=args.fully_parallel)
+    del sharded, chunks
 
     status = 0
-    if args.verify:
-        for param in chunks[0].parameters():
-            param.data.zero_()  # the comparison must see what was written, not what is still in memory
-        chunks[0].load_state_dict(load_sharded({"model": chunks[0].sharded_state_dict()}, args.out)["model"])
+    if args.verify:  # a fresh model, filled from what was written
+        chunks = build_model(arch, layout, options)
+        load_checkpoint_in_place(chunks, args.out, field="--out")
         input_ids = verification_batch(arch)
         logits = megatron_logits(chunks, input_ids, arch)
         if is_rank0():
@@ -87,9 +98,15 @@ def main(argv=None) -> int:
             print(f"verify: max abs logit diff vs transformers = {diff:.3e} (tolerance {tolerance:g}) "
                   f"{'OK' if ok else 'FAILED'}")  # fmt: skip
             status = 0 if ok else 1
-        flag = torch.tensor([status], device=next(chunks[0].parameters()).device)
+        flag = torch.tensor([status])
         torch.distributed.broadcast(flag, src=0)
         status = int(flag.item())
+
+    peaks = [0] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peaks, peak_rss_bytes())
+    if is_rank0():
+        what = f"wrote {args.out} (tp={layout.tp} pp={layout.pp} ep={layout.ep} etp={layout.etp}, {dtype})"
+        print(summary_line(what, len(reader.names()), folder_bytes(args.out), time.perf_counter() - START, max(peaks)))
     destroy()
     return status
 

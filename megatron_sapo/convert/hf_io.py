@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_sapo.checkpoint import replace_dir
 from megatron_sapo.convert.mapping import hf_shapes
 from megatron_sapo.errors import InputError
 from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
@@ -30,6 +31,35 @@ HF_SIDE_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# HF's default shard size for save_pretrained (huggingface_hub counts a GB as 10**9 bytes)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def config_dtype(hf_dir: str) -> torch.dtype | None:
+    """The dtype config.json declares (``torch_dtype``, or transformers 5's ``dtype``), None when it names none."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    name = config.get("torch_dtype") or config.get("dtype")
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise InputError(
+            f"{hf_dir}/config.json: torch_dtype {name!r} is not one of {sorted(DTYPES)}; pass --dtype explicitly"
+        )
+    return DTYPES[name]
+
+
+def _safe_open(path: str):
+    """safetensors' ``pread`` backend reads each tensor into memory of its own, which the converter hands on as is;
+    tensors of the (default) ``mmap`` backend keep the whole file's mapping alive, and every page read through it
+    then counts in the process's RSS. safetensors before 0.8 has only ``mmap``."""
+    try:
+        return safe_open(path, framework="pt", backend="pread")
+    except TypeError:
+        return safe_open(path, framework="pt")
 
 
 class HFCheckpointReader:
@@ -61,7 +91,7 @@ class HFCheckpointReader:
         if file not in self._handles:
             path = os.path.join(self.hf_dir, file)
             try:
-                self._handles[file] = safe_open(path, framework="pt")
+                self._handles[file] = _safe_open(path)
             except (OSError, SafetensorError) as e:
                 raise InputError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it") from None
         return self._handles[file]
@@ -110,25 +140,30 @@ def write_hf_checkpoint(
     out_dir: str,
     *,
     template_dir: str | None = None,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 5 * 10**9,
     dtype: torch.dtype | None = None,
-) -> None:
-    """Write tensors as HF safetensors shards (+ an index when there is more than one) into ``out_dir``.
+) -> tuple[int, int]:
+    """Write tensors as HF writes them: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards of at
+    most ``max_shard_bytes`` (a larger tensor gets a shard of its own) plus ``model.safetensors.index.json``.
 
-    Tensors stream through: at most one shard is held in memory. Shards get their final
-    ``model-0000i-of-0000n`` names once ``n`` is known.
+    The folder is written as ``out_dir.tmp`` and renamed when complete (an existing ``out_dir`` survives until
+    then). Tensors stream through: at most one shard is held in memory, and tensors already on the host in the
+    output dtype are not copied. Returns (tensors, bytes) written.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     shard_of: dict[str, int] = {}
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total_bytes = 0
+    shard_bytes = total_bytes = total_params = 0
     num_shards = 0
 
     def flush():
         nonlocal shard, shard_bytes, num_shards
         if shard:
             num_shards += 1
-            save_file(shard, os.path.join(out_dir, f".shard-{num_shards}.safetensors"), metadata={"format": "pt"})
+            save_file(shard, os.path.join(tmp, f".shard-{num_shards}.safetensors"), metadata={"format": "pt"})
             shard_of.update({name: num_shards for name in shard})
             shard, shard_bytes = {}, 0
 
@@ -140,19 +175,41 @@ def write_hf_checkpoint(
         shard[name] = tensor
         shard_bytes += nbytes
         total_bytes += nbytes
+        total_params += tensor.numel()
     flush()
 
     def final_name(index: int) -> str:
         return SINGLE_FILE if num_shards == 1 else f"model-{index:05d}-of-{num_shards:05d}.safetensors"
 
     for index in range(1, num_shards + 1):
-        os.replace(os.path.join(out_dir, f".shard-{index}.safetensors"), os.path.join(out_dir, final_name(index)))
+        os.replace(os.path.join(tmp, f".shard-{index}.safetensors"), os.path.join(tmp, final_name(index)))
     if num_shards > 1:
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-            weight_map = {name: final_name(index) for name, index in shard_of.items()}
-            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+        index = {
+            "metadata": {"total_parameters": total_params, "total_size": total_bytes},
+            "weight_map": {name: final_name(index) for name, index in shard_of.items()},
+        }
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if template_dir is not None:
-        copy_side_files(template_dir, out_dir)
+        copy_side_files(template_dir, tmp)
+        if dtype is not None:
+            _set_config_dtype(tmp, dtype)
+    replace_dir(tmp, out_dir)
+    return len(shard_of), total_bytes
+
+
+def _set_config_dtype(hf_dir: str, dtype: torch.dtype) -> None:
+    """config.json declares the dtype its weights were written in (the key the template uses)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+    config[key] = str(dtype).removeprefix("torch.")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def copy_side_files(template_dir: str, out_dir: str) -> None:

@@ -62,7 +62,9 @@ def megatron_logits(chunks: list[torch.nn.Module], input_ids: torch.Tensor, arch
 @torch.no_grad()
 def transformers_logits(hf_dir: str, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # the converter's own bar is the one that tracks progress
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     model.eval()
     return model(input_ids=input_ids.cpu()).logits.float()

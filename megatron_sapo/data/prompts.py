@@ -86,6 +86,7 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
     stats = LoadStats()
     first_bad = None
     for path in paths:
+        rows_before = stats.num_rows
         for location, row in read_rows(path):
             stats.num_rows += 1
             try:
@@ -100,6 +101,8 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
                 stats.num_too_long += 1
                 continue
             items.append(item)
+        if stats.num_rows == rows_before:
+            raise InputError(f"{files_field}: {path} is empty (no rows); give it prompts or leave it out")
 
     if stats.num_bad_rows:
         logger.warning(
@@ -132,11 +135,17 @@ def read_rows(path: str) -> Iterator[tuple[str, dict | BadRow]]:
     Locations are ``path:line`` for JSONL (1-based file lines; blank lines are skipped) and ``path:row N`` for Parquet.
     """
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:  # bytes, so that a non-UTF-8 line is named instead of ending the read
+            for line_number, raw in enumerate(f, start=1):
+                location = f"{path}:{line_number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield location, BadRow(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}) — "
+                                           "re-encode the file as UTF-8")  # fmt: skip
+                    continue
                 if not line.strip():
                     continue
-                location = f"{path}:{line_number}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -237,6 +246,28 @@ def render_prompt(raw_prompt: str | list[dict], tokenizer, apply_chat_template: 
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja templates raise their own errors, e.g. for roles out of order
         raise BadRow(f"the chat template rejects these messages ({type(e).__name__}: {e}) — fix the row") from None
+
+
+@dataclass
+class RunData:
+    """What a training run reads before it starts: the tokenizer and the train/val prompts."""
+
+    tokenizer: Any
+    train: list[PromptItem]
+    val: list[PromptItem]
+
+    def __iter__(self):
+        return iter((self.tokenizer, self.train, self.val))
+
+
+def load_run_data(config) -> RunData:
+    """The tokenizer of ``model.path`` and every prompt of ``data.train_files``/``data.val_files``, checked."""
+    from megatron_sapo.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.path)
+    train = load_prompts(config.data, tokenizer).items
+    val = load_prompts(config.data, tokenizer, "val").items if config.data.val_files else []
+    return RunData(tokenizer, train, val)
 
 
 class PromptStream:

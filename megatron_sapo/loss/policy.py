@@ -231,6 +231,7 @@ def policy_loss(
     loss_agg_mode: str = "token-mean",
     rollout_log_probs: torch.Tensor | None = None,
     tis_cap: float = 2.0,
+    rollout_is_weights: torch.Tensor | None = None,
     ref_log_probs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
@@ -242,8 +243,9 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss of ``loss_mode`` (a key of ``POLICY_LOSSES``) and its metrics.
 
-    ``loss = agg(pg * tis) + kl_coef * agg(kl) - entropy_coef * agg(entropy)``, where ``pg`` is the mode's per-token
-    surrogate, ``tis`` the truncated IS weight (1 without ``rollout_log_probs``), ``kl`` the ``kl_type`` estimate
+    ``loss = agg(pg * tis * w) + kl_coef * agg(kl) - entropy_coef * agg(entropy)``, where ``pg`` is the mode's
+    per-token surrogate, ``tis`` the truncated IS weight (1 without ``rollout_log_probs``), ``w`` the caller's
+    ``rollout_is_weights`` (``rollout_correction``; 1 without them), ``kl`` the ``kl_type`` estimate
     against ``ref_log_probs`` and ``agg`` is ``aggregate_loss`` with ``loss_agg_mode``, ``loss_denominator`` and
     ``seq_len_norm`` (pass a global ``loss_denominator`` for global-batch normalisation; see ``aggregation``).
     ``params`` are the mode's own keywords (``tau_pos``, ``tau_neg``, ``clip_ratio_low``, ...).
@@ -269,6 +271,7 @@ def policy_loss(
         advantages=advantages,
         response_mask=response_mask,
         rollout_log_probs=rollout_log_probs,
+        rollout_is_weights=rollout_is_weights,
         ref_log_probs=ref_log_probs,
         entropy=entropy,
     )
@@ -293,6 +296,8 @@ def policy_loss(
         pg_per_token = pg_per_token * tis
         metrics["tis_weight_mean"] = masked_mean(tis, mask)
         metrics["tis_capped_frac"] = masked_mean((tis >= tis_cap).to(tis.dtype), mask)
+    if rollout_is_weights is not None:
+        pg_per_token = pg_per_token * rollout_is_weights.detach()
     loss = pg = agg(pg_per_token)
     metrics["pg_loss"] = pg
     if ref_log_probs is not None:

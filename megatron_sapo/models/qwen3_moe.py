@@ -134,6 +134,14 @@ class ModelOptions:
     recompute_granularity: str | None = None  # None | "selective" | "full"
     recompute_num_layers: int | None = None
     use_transformer_engine: bool | None = None  # None: use TE when importable on CUDA
+    # Megatron's fused kernels (SwiGLU, RoPE, MoE permutation, weight-gradient accumulation); they need CUDA and
+    # Transformer Engine (the actor turns them on when both are there), the last one also apex's extension.
+    fused_kernels: bool = False
+    # False: parameters are allocated on the host (or under a ``torch.device("meta")`` context) and never
+    # initialised, for conversion, where a checkpoint overwrites every weight anyway.
+    init_weights: bool = True
+    # Each router gets megatron-core's RouterReplay (record / replay its top-k); see models/routing_replay.py.
+    moe_enable_routing_replay: bool = False
 
 
 def transformer_engine_usable() -> bool:
@@ -141,6 +149,16 @@ def transformer_engine_usable() -> bool:
         return False
     try:
         import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """megatron-core's output layer (``ColumnParallelLinear``) fuses the weight-gradient accumulation only with
+    apex's ``fused_weight_gradient_mlp_cuda`` and refuses the flag without it, even when TE is there."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
     except ImportError:
         return False
     return True
@@ -169,12 +187,14 @@ def transformer_config(arch: Qwen3MoeArch, options: ModelOptions | None = None, 
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # Fused kernels need CUDA/apex/TE; on CPU and in the reference comparisons we use the plain paths.
-        bias_activation_fusion=False,
+        # Fused kernels need CUDA/apex/TE; on CPU and in the reference comparisons we use the plain paths. The
+        # fused SwiGLU also keeps less for backward (its input, not the silu output), and the fused weight-gradient
+        # accumulation adds each micro-batch's gradient to the fp32 buffer without rounding it to bf16 first.
+        bias_activation_fusion=options.fused_kernels,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        apply_rope_fusion=options.fused_kernels,
+        gradient_accumulation_fusion=options.fused_kernels and gradient_accumulation_fusion_available(),
         persist_layer_norm=False,
         params_dtype=options.params_dtype,
         bf16=bf16,
@@ -190,7 +210,10 @@ def transformer_config(arch: Qwen3MoeArch, options: ModelOptions | None = None, 
         # (perform_initialization stays on even when a checkpoint overwrites the weights: megatron-core 0.16
         # marks tensor-parallel weights as such only inside its initialisers, and without those marks the
         # gradient norm counts TP shards as duplicates.)
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not torch.cuda.is_available() or not options.init_weights,
+        perform_initialization=options.init_weights,
+        # megatron-core 0.16's default ("full") warns that it is deprecated on every config; [] means the same.
+        cuda_graph_scope=[],
         **parallel,
     )
     if moe:
@@ -205,7 +228,9 @@ def transformer_config(arch: Qwen3MoeArch, options: ModelOptions | None = None, 
             moe_aux_loss_coeff=options.moe_aux_loss_coeff,
             moe_token_dispatcher_type=options.moe_token_dispatcher_type,
             moe_grouped_gemm=options.moe_grouped_gemm,
+            moe_permute_fusion=options.fused_kernels,
             moe_layer_freq=list(arch.moe_layer_pattern),
+            moe_enable_routing_replay=options.moe_enable_routing_replay,
         )
     return TransformerConfig(**fields)
 

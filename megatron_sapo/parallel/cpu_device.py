@@ -12,7 +12,10 @@ nothing when CUDA is available. Otherwise it
    (factory ``device=`` arguments, ``Tensor.to``/``.cuda()``) and reports CPU tensors with their CUDA type
    name to ``Tensor.type()``, and
 2. replaces a handful of ``torch.cuda`` functions and megatron helpers with CPU equivalents; each one below
-   names the megatron-core code that needs it.
+   names the megatron-core code that needs it, and
+3. enters the mode again where megatron runs a forward inside the autograd engine (activation recompute, see
+   :func:`_in_mode`), and lets its hybrid device optimizer (``optimizer_cpu_offload``) tell "device" tensors from
+   host copies while it splits the parameters between its GPU and CPU optimizers (:func:`_with_host_copies`).
 
 Numerics are unchanged: every kernel that runs is torch's CPU kernel. Call it before building any megatron
 object (``megatron_sapo.parallel.initialize`` does).
@@ -42,14 +45,41 @@ def _is_cuda(device) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Runs every torch call as if ``cuda`` meant ``cpu``.
 
-    A mode is popped while its handler runs, so code that runs *inside* a handled call (the autograd engine
-    under ``Tensor.backward``) does not see it; that is why ``current_device()`` itself returns the CPU.
+    A mode is popped while its handler runs, so code that runs *inside* a handled call does not see it; that is
+    why ``current_device()`` itself returns the CPU, and why activation recompute enters it again (:func:`_in_mode`).
     """
+
+    host_copies: set[int] | None = None  # ids of host tensors while _host_copy_view() is active
+    _keep: list = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            # optimizer/cpu_offloading/hybrid_optimizer.py allocates its host gradient copies with
+            # `pin_memory=True`; without CUDA there is no pinned allocator, and ordinary memory is the same memory.
+            kwargs["pin_memory"] = False
+        if self.host_copies is None:
+            return self._call(func, args, kwargs)
+        # Device and host as two memory spaces of the CPU (see _with_host_copies): `.cpu()` of a device tensor
+        # is a new host tensor, whatever is computed from a host tensor is one too, and `is_cuda` tells them apart.
+        first = args[0] if args else None
+        from_host = isinstance(first, torch.Tensor) and id(first) in self.host_copies
+        if func == _IS_CUDA_GETTER:
+            return not from_host
+        target = args[1] if func is torch.Tensor.to and len(args) > 1 else None
+        to_host = func is torch.Tensor.cpu or (isinstance(target, (str, torch.device)) and not _is_cuda(target))
+        result = self._call(func, args, kwargs)
+        if isinstance(result, torch.Tensor) and (to_host or from_host):
+            if to_host and not from_host:
+                result = result.clone()  # a device-to-host copy, never an alias of the device tensor
+            self.host_copies.add(id(result))
+            self._keep.append(result)  # keeps the ids unique while the view is active
+        return result
+
+    @staticmethod
+    def _call(func, args, kwargs):
         if func is torch.Tensor.cuda:
             # tensor_parallel/layers.py, distributed/param_and_grad_buffer.py: `.cuda()` after CPU init.
             return args[0]
@@ -67,6 +97,46 @@ class _CudaToCpuMode(TorchFunctionMode):
             # Pinned memory needs a CUDA build; on CPU an ordinary tensor is the same memory.
             return args[0]
         return func(*args, **kwargs)
+
+
+_IS_CUDA_GETTER = torch.Tensor.is_cuda.__get__
+
+
+@contextlib.contextmanager
+def _host_copy_view():
+    _mode.host_copies, _mode._keep = set(), []
+    try:
+        yield
+    finally:
+        _mode.host_copies, _mode._keep = None, []
+
+
+def _with_host_copies(method):
+    """optimizer/cpu_offloading/hybrid_optimizer.py: ``_get_sub_optimizer_param_groups`` moves the first
+    ``offload_fraction`` of the parameters that are ``is_cuda`` to host copies (``.clone().cpu().pin_memory()``,
+    then ``.float()``) for its CPU optimizer and leaves the others to its GPU optimizer, by ``is_cuda`` again.
+    On CPU nothing would be ``is_cuda``. While it runs, tensors made by ``.cpu()`` (and from them) count as host
+    memory and everything else as device memory, so the split, the copies and the copy-back are megatron's own."""
+
+    @functools.wraps(method)
+    def partition(self, *args, **kwargs):
+        with _host_copy_view():
+            return method(self, *args, **kwargs)
+
+    return partition
+
+
+def _in_mode(method):
+    """tensor_parallel/random.py: with activation recompute (``recompute_granularity: full``) the layers' forward
+    runs again inside the autograd engine's backward, where the mode is not active, and allocates on
+    ``device="cuda"`` (transformer/utils.py's causal mask) like any forward."""
+
+    @functools.wraps(method)
+    def recompute(*args, **kwargs):
+        with _mode:
+            return method(*args, **kwargs)
+
+    return recompute
 
 
 class _Stream:
@@ -140,6 +210,17 @@ def enable_cpu_device_layer() -> bool:
     from megatron.core.transformer.moe import token_dispatcher
 
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    # tensor_parallel/random.py: the recomputed forward of activation checkpointing (see _in_mode).
+    from megatron.core.tensor_parallel.random import CheckpointFunction, CheckpointWithoutOutput
+
+    CheckpointFunction.backward = staticmethod(_in_mode(CheckpointFunction.backward))
+    CheckpointWithoutOutput._recompute = _in_mode(CheckpointWithoutOutput._recompute)
+    # optimizer/cpu_offloading/hybrid_optimizer.py: the GPU/CPU split of the hybrid optimizer (see above).
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    HybridDeviceOptimizer._get_sub_optimizer_param_groups = _with_host_copies(
+        HybridDeviceOptimizer._get_sub_optimizer_param_groups
+    )
 
     _mode = _CudaToCpuMode()
     _mode.__enter__()

@@ -15,15 +15,22 @@ Requests and responses follow SGLang (``python/sglang/srt/entrypoints/http_serve
   ``log_softmax(logits)``, as SGLang runs them as top_k=1 at temperature 1.
 - ``n`` responses per prompt are ``n`` requests, each with its own ``sampling_seed`` (as slime does): SGLang's
   ``sampling_params.n`` would give the copies one seed. SGLang honours the seed only when launched with
-  ``--enable-deterministic-inference``; the embedded server always does.
-- ``/health_generate``, ``/flush_cache``, ``/update_weights_from_disk`` (``model_path``),
-  ``/init_weights_update_group`` (``master_address``, ``master_port``, ``rank_offset``, ``world_size``,
-  ``group_name``, ``backend``), ``/update_weights_from_distributed`` (``names``, ``dtypes``, ``shapes``,
-  ``group_name``, ``flush_cache``), ``/destroy_weights_update_group``, ``/release_memory_occupation`` and
-  ``/resume_memory_occupation`` (``tags``), ``/get_server_info``, ``/get_model_info``.
+  ``--enable-deterministic-inference`` (and then gives requests without one the seed 42, so a seed is always sent);
+  the embedded server always does.
+- ``/health_generate``, ``/flush_cache``, ``/server_info``, ``/model_info``, ``/update_weights_from_disk``
+  (``model_path``), ``/init_weights_update_group`` (``master_address``, ``master_port``, ``rank_offset``,
+  ``world_size``, ``group_name``, ``backend``), ``/destroy_weights_update_group``, and inside a weight-update
+  session (``/begin_weight_update`` … ``/end_weight_update``; SGLang 0.5.23 refuses these two outside one)
+  ``/update_weights_from_distributed`` (``names``, ``dtypes``, ``shapes``, ``group_name``, ``flush_cache``) and
+  ``/update_weights_from_tensor`` (``serialized_named_tensors``: one base64 ``MultiprocessingSerializer`` payload
+  per TP rank), ``/release_memory_occupation`` and ``/resume_memory_occupation`` (``tags``: ``kv_cache``,
+  ``weights``, ``cuda_graph``; none = all three).
 
 Failures: a connection error, a timeout or a 5xx reply is retried (``max_retries`` times, backoff doubling, on the
-next server in turn); a 4xx reply is a bad request and fails at once. Either way the caller gets one
+next server in turn); a 4xx reply is a bad request and fails at once. A server found gone stops the retries at once
+with :class:`RolloutServerDown`: its process exited (``exit_reason``, set by whoever started it), or, after a
+failed connection with no other server to retry on, it does not answer ``/health``. Retry warnings are logged once
+per server and attempt, not once per request. Either way the caller gets one
 :class:`RolloutError` naming the endpoint, the servers tried and the last error. Every attempt is bounded by the
 request timeout, so nothing waits longer than ``(max_retries + 1) × (request_timeout_s + backoff)``.
 """
@@ -34,6 +41,7 @@ import asyncio
 import itertools
 import json
 import logging
+import random
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
@@ -45,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 class RolloutError(RuntimeError):
     """The rollout servers could not do what was asked (after the retries that make sense)."""
+
+
+class RolloutServerDown(RolloutError):
+    """A rollout server is gone (its process exited, or it does not answer its health check): no retry can help."""
 
 
 class _Retryable(Exception):
@@ -60,6 +72,8 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None  # SGLang's sampling_seed
     ignore_eos: bool = False
+    # Not a sampling parameter but a GenerateReqInput field: ask for meta_info.routed_experts (all positions).
+    return_routed_experts: bool = False
 
     def to_sglang(self) -> dict[str, Any]:
         """SGLang's ``sampling_params`` dict (``python/sglang/srt/sampling/sampling_params.py`` key names)."""
@@ -91,7 +105,14 @@ class RolloutSample:
 
 def generate_payload(prompt_ids: Sequence[int], sampling: SamplingParams) -> dict[str, Any]:
     """The ``/generate`` body for one prompt (``GenerateReqInput``)."""
-    return {"input_ids": [int(t) for t in prompt_ids], "sampling_params": sampling.to_sglang(), "return_logprob": True}
+    payload = {"input_ids": [int(t) for t in prompt_ids], "sampling_params": sampling.to_sglang()}
+    return payload | {"return_logprob": True} | routed_experts_fields(sampling.return_routed_experts)
+
+
+def routed_experts_fields(wanted: bool, start_len: int = 0) -> dict[str, Any]:
+    """GenerateReqInput's ``return_routed_experts`` / ``routed_experts_start_len``: the reply's
+    ``meta_info.routed_experts`` then covers positions ``[start_len, seq_len - 1)`` (models/routing_replay.py)."""
+    return {"return_routed_experts": True, "routed_experts_start_len": int(start_len)} if wanted else {}
 
 
 def parse_generate_response(reply: Any, prompt_ids: Sequence[int]) -> RolloutSample:
@@ -149,6 +170,10 @@ class RolloutClient:
         self._turn = itertools.count()
         self._session = None
         self._semaphore: asyncio.Semaphore | None = None
+        # Set by whoever started the servers: ``url -> why it is gone`` (a process that exited), or None.
+        self.exit_reason = None
+        self._down_checks: dict[str, asyncio.Task] = {}
+        self._warned: set[tuple] = set()
 
     # --- plumbing -------------------------------------------------------------------------------------------------
 
@@ -197,12 +222,52 @@ class RolloutClient:
                 last_error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
                 if isinstance(error, asyncio.TimeoutError):
                     last_error = f"no reply within {timeout.total:g}s"
-                logger.warning("%s %s%s attempt %d/%d failed: %s", method, base, path, attempt + 1, attempts,
-                               last_error)  # fmt: skip
+                if not isinstance(error, (_Retryable, asyncio.TimeoutError)):  # no connection: is the server there?
+                    # A health probe only where no other server could take the retry.
+                    down = await self._why_down(base, probe=bool(url) or self.router_url or len(self.urls) == 1)
+                    if down:
+                        raise RolloutServerDown(down) from None
+                # Hundreds of requests fail together when a server hiccups: one line per server and attempt.
+                if (base, path, attempt) not in self._warned:
+                    self._warned.add((base, path, attempt))
+                    logger.warning("%s %s%s attempt %d/%d failed: %s (other requests failing the same way are "
+                                   "not logged)", method, base, path, attempt + 1, attempts, last_error)  # fmt: skip
                 if attempt + 1 < attempts:
                     await asyncio.sleep(self.retry_backoff_s * 2**attempt)
         servers = ", ".join(dict.fromkeys(tried))
         raise RolloutError(f"{method} {path} failed after {attempts} attempt(s) on {servers}: {last_error}")
+
+    async def _why_down(self, base: str, probe: bool) -> str | None:
+        """Why ``base`` (a server or the router) is gone, or None if it may come back: the process that serves it
+        has exited (``exit_reason``), or (``probe``) it does not answer ``/health``. One probe at a time per server,
+        shared by every request that failed meanwhile."""
+        if self.exit_reason is not None and (reason := self.exit_reason(base)):
+            return reason
+        if not probe:
+            return None
+        task = self._down_checks.get(base)
+        if task is None or task.done() and task.result() is None:
+            task = self._down_checks[base] = asyncio.ensure_future(self._health_probe(base))
+        return await asyncio.shield(task)
+
+    async def _health_probe(self, base: str) -> str | None:
+        import aiohttp
+
+        session = await self._http()
+        try:
+            async with session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=10)) as response:
+                if response.status < 500:
+                    return None
+                problem = f"HTTP {response.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        # A killed server stops answering a moment before its parent can see it exit: wait a little for the exit
+        # code, which says more than a refused connection.
+        for _ in range(30 if self.exit_reason is not None else 0):
+            if reason := self.exit_reason(base):
+                return reason
+            await asyncio.sleep(0.1)
+        return f"rollout server {base} does not answer its health check ({problem}); check that it is running"
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -229,12 +294,15 @@ class RolloutClient:
         """``n`` responses to each prompt, all in flight together; one failure cancels the rest and is raised.
 
         Response ``s`` to prompt ``p`` samples with seed ``sample_seed(seed, p, s)`` (``seed`` defaults to
-        ``sampling.seed``; with neither, the servers draw seeds of their own)."""
+        ``sampling.seed``; with neither, a random one: SGLang's deterministic mode would give every unseeded
+        request the same seed)."""
         base = sampling.seed if seed is None else seed
+        if base is None:
+            base = random.SystemRandom().randrange(2**31)
         tasks = []
         for p, prompt in enumerate(prompts):
             for s in range(n):
-                params = replace(sampling, seed=None if base is None else sample_seed(base, p, s))
+                params = replace(sampling, seed=sample_seed(base, p, s))
                 tasks.append(asyncio.ensure_future(self.generate(prompt, params)))
         if not tasks:
             return [[] for _ in prompts]
@@ -261,11 +329,31 @@ class RolloutClient:
     async def flush_cache(self, url: str) -> None:
         await self.request("POST", "/flush_cache", url=url)
 
-    async def get_server_info(self, url: str) -> dict:
-        return await self.request("GET", "/get_server_info", url=url)
+    async def server_info(self, url: str) -> dict:
+        return await self.request("GET", "/server_info", url=url)
 
-    async def get_model_info(self, url: str) -> dict:
-        return await self.request("GET", "/get_model_info", url=url)
+    async def model_info(self, url: str) -> dict:
+        return await self.request("GET", "/model_info", url=url)
+
+    async def begin_weight_update(self, url: str, timeout_s: float | None = None) -> dict:
+        # Not retried: a second begin on an open session fails.
+        reply = await self.request("POST", "/begin_weight_update", {}, url=url, retries=0, timeout_s=timeout_s)
+        return _succeeded(reply, "begin_weight_update", url)
+
+    async def end_weight_update(self, url: str, timeout_s: float | None = None) -> dict:
+        reply = await self.request("POST", "/end_weight_update", {}, url=url, retries=0, timeout_s=timeout_s)
+        return _succeeded(reply, "end_weight_update", url)
+
+    async def update_weights_from_tensor(self, url: str, serialized_named_tensors: list[str], *,
+                                         weight_version: str | None = None, flush_cache: bool = True,
+                                         timeout_s: float | None = None) -> dict:  # fmt: skip
+        """``serialized_named_tensors[i]``: TP rank i's payload (``load_format`` unset: a list of (name, tensor))."""
+        payload = {"serialized_named_tensors": list(serialized_named_tensors), "flush_cache": flush_cache}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        reply = await self.request("POST", "/update_weights_from_tensor", payload, url=url, retries=0,
+                                   timeout_s=timeout_s)  # fmt: skip
+        return _succeeded(reply, "update_weights_from_tensor", url)
 
     async def update_weights_from_disk(self, url: str, model_path: str, *, weight_version: str | None = None,
                                        timeout_s: float | None = None) -> dict:  # fmt: skip
@@ -303,11 +391,12 @@ class RolloutClient:
                                    retries=0)  # fmt: skip
         return _succeeded(reply, "destroy_weights_update_group", url)
 
+    # Not retried: SGLang resumes a tag by removing it from the released set, so a second resume fails.
     async def release_memory_occupation(self, url: str, tags: list[str] | None = None) -> None:
-        await self.request("POST", "/release_memory_occupation", {"tags": tags}, url=url)
+        await self.request("POST", "/release_memory_occupation", {"tags": tags}, url=url, retries=0)
 
     async def resume_memory_occupation(self, url: str, tags: list[str] | None = None) -> None:
-        await self.request("POST", "/resume_memory_occupation", {"tags": tags}, url=url)
+        await self.request("POST", "/resume_memory_occupation", {"tags": tags}, url=url, retries=0)
 
 
 def _message(text: str) -> str:
@@ -320,6 +409,8 @@ def _message(text: str) -> str:
         error = reply.get("error")
         if isinstance(error, dict) and "message" in error:
             return str(error["message"])[:500]
+        if isinstance(error, str):  # /generate's schema check: {"error": "unknown field ..."}
+            return error[:500]
         if "message" in reply:
             return str(reply["message"])[:500]
     return text.strip()[:500]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from megatron_sapo.errors import InputError
 
 BACKENDS = ("embedded", "sglang", "external")
-WEIGHT_SYNC_MODES = ("distributed", "disk")
+WEIGHT_SYNC_MODES = ("auto", "tensor", "distributed", "disk")
 DIST_BACKENDS = ("gloo", "nccl")
 
 
@@ -59,6 +59,8 @@ class RolloutConfig:
     port: int = 0
 
     # --- SGLang layout (backend=sglang): one server per tp_size × dp_size GPUs ---
+    # embedded: the one server stands in for a TP-``tp_size`` SGLang server (each emulated TP rank loads its shard of
+    # every weight from the payload of its own trainer rank, see server.py).
     tp_size: int = 1
     ep_size: int = 1  # experts split over this many of the tp_size GPUs (SGLang puts EP inside TP)
     dp_size: int = 1  # data-parallel replicas inside one server (needs weight_sync=disk)
@@ -69,8 +71,12 @@ class RolloutConfig:
     node_hosts: list[str] = field(default_factory=list)
     # Colocated training: lets /release_memory_occupation free the GPU for the trainer between rollouts.
     enable_memory_saver: bool = False
-    # SGLang honours per-request sampling seeds only with deterministic inference on.
+    # SGLang honours per-request sampling seeds only with --enable-deterministic-inference (which SGLang documents as
+    # 25-45% slower rollouts); without it a resumed run does not sample the same. The embedded server always does.
     deterministic_inference: bool = False
+    # --enable-return-routed-experts: replies carry each token's MoE routing (actor.router_replay.mode=R3 turns it
+    # on; on its own it feeds the rollout/router_agreement diagnostic).
+    enable_return_routed_experts: bool = False
     extra_server_args: list[str] = field(default_factory=list)
     # Interpreter that has sglang installed (it pins its own torch, so often another venv); None: this one.
     sglang_python: str | None = None
@@ -83,7 +89,12 @@ class RolloutConfig:
     startup_timeout_s: float = 900.0  # launched servers must answer /health_generate within this
 
     # --- weight sync ---
-    weight_sync: str = "distributed"  # distributed (broadcast over a process group) | disk (safetensors + reload)
+    # auto: tensor for servers colocated on the trainer's devices (backend embedded/sglang whose TP ranks cover the
+    # trainer ranks one to one), distributed for external servers on their own GPUs (and the embedded server with
+    # fewer ranks than the trainer), disk otherwise (dp_size > 1, pp_size > 1, a router without urls).
+    # tensor: each trainer rank hands the server rank on its device a handle to its copy (/update_weights_from_tensor);
+    # distributed: trainer rank 0 broadcasts over a process group; disk: safetensors + /update_weights_from_disk.
+    weight_sync: str = "auto"
     bucket_size_mb: float = 512.0  # tensors per update request, by size
     # disk: folder the safetensors go to (must be readable by every server); None: a temporary folder.
     weight_sync_dir: str | None = None

@@ -42,6 +42,7 @@ class DecodeResult:
     logprobs: list[float] = field(default_factory=list)
     # SGLang's finish_reason JSON: {"type": "stop", "matched": id} or {"type": "length", "length": n}
     finish_reason: dict | None = None
+    routed_experts: torch.Tensor | None = None  # [prompt + output - 1, layers, top_k], see routed_experts.py
 
 
 def pick_token(logits: torch.Tensor, request: DecodeRequest, generator: torch.Generator) -> tuple[int, float]:
@@ -72,8 +73,11 @@ def _cache_kwarg(model) -> str:
 
 @torch.inference_mode()
 def decode_batch(model, requests: list[DecodeRequest], *, eos_token_ids: frozenset[int], pad_token_id: int = 0,
-                 max_positions: int | None = None) -> list[DecodeResult]:  # fmt: skip
-    """Generate for every request together; each stops at its own stop token or length limit."""
+                 max_positions: int | None = None, between_steps=None) -> list[DecodeResult]:  # fmt: skip
+    """Generate for every request together; each stops at its own stop token or length limit.
+
+    ``between_steps(results)``, if given, runs before every forward pass with the partial results (the server pauses
+    there and loads weights meanwhile) and returns ``{row: finish_reason}`` for rows to stop now (aborted ones)."""
     from transformers import DynamicCache
 
     if not requests:
@@ -113,6 +117,12 @@ def decode_batch(model, requests: list[DecodeRequest], *, eos_token_ids: frozens
             results[row].finish_reason = {"type": "length", "length": 0}
     step_input, step_positions = input_ids, positions
     while not all(done):
+        for row, reason in (between_steps(results) if between_steps else {}).items():
+            if not done[row]:
+                done[row] = True
+                results[row].finish_reason = reason
+        if all(done):
+            break
         logits = (
             model(
                 input_ids=step_input.to(device),

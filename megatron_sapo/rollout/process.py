@@ -38,9 +38,22 @@ TORCHRUN_VARIABLES = (
 )
 
 
+# torch's allocator settings; torch_memory_saver (SGLang's --enable-memory-saver) raises at start-up when they ask for
+# expandable_segments:True, which train.sh sets for the trainer.
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
 def server_env(**extra: str) -> dict[str, str]:
-    """This process's environment without torchrun's variables, plus ``extra``."""
+    """This process's environment without torchrun's variables and without ``expandable_segments`` in the
+    allocator settings (the other settings stay), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    for name in ALLOC_CONF_VARIABLES:
+        if name in env:
+            kept = [o for o in env[name].split(",") if o.strip() and o.split(":")[0].strip() != "expandable_segments"]
+            if kept:
+                env[name] = ",".join(kept)
+            else:
+                del env[name]
     env.update(extra)
     return env
 

@@ -11,9 +11,11 @@ A server is ``python -m sglang.launch_server`` over ``tp_size × dp_size`` GPUs 
 
 Flags are SGLang's ``server_args.py`` names (``--model-path``, ``--host``, ``--port``, ``--tp-size``, ``--ep-size``,
 ``--dp-size``, ``--mem-fraction-static``, ``--base-gpu-id``, ``--nnodes``, ``--node-rank``, ``--dist-init-addr``,
-``--enable-memory-saver``, ``--enable-deterministic-inference``). The trainer's rank 0 launches node 0's processes
-(:class:`~megatron_sapo.rollout.engine.RolloutEngine`); on more nodes, each node's first trainer process calls
-:func:`launch_node`, and rank 0 waits for all of them.
+``--enable-memory-saver``, ``--enable-deterministic-inference``, ``--enable-return-routed-experts``;
+``tests/test_sglang_conformance.py`` checks them against the pinned release). Server ``s``'s TP rank ``t`` sits on
+the GPU of trainer rank ``s × tp_size + t``, which is what colocated weight sync (``weight_sync=tensor``) relies on.
+The trainer's rank 0 launches node 0's processes (:class:`~megatron_sapo.rollout.engine.RolloutEngine`); on more
+nodes, each node's first trainer process calls :func:`launch_node`, and rank 0 waits for all of them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def gpus_per_server(config: RolloutConfig) -> int:
 
 def validate_layout(config: RolloutConfig) -> None:
     """One InputError line per layout problem, before anything is launched."""
-    tp, ep, dp = config.tp_size, config.ep_size, config.dp_size
+    tp, ep = config.tp_size, config.ep_size
     if tp % ep:
         raise InputError(f"rollout.ep_size={ep} does not divide rollout.tp_size={tp}: SGLang splits the experts over "
                          "the tensor-parallel GPUs; use an ep_size that divides tp_size")  # fmt: skip
@@ -65,10 +67,6 @@ def validate_layout(config: RolloutConfig) -> None:
         raise InputError(
             "rollout.port=0 picks free ports on this node only; set a base port when rollout.num_nodes > 1"
         )
-    if dp > 1 and config.weight_sync == "distributed":
-        raise InputError(f"rollout.dp_size={dp} with rollout.weight_sync=distributed: SGLang updates weights "
-                         "from a broadcast only with dp_size 1; use weight_sync=disk, or more servers with "
-                         "dp_size=1")  # fmt: skip
 
 
 def sglang_command(config: RolloutConfig, model_path: str, *, port: int, base_gpu_id: int = 0, nnodes: int = 1,
@@ -94,6 +92,8 @@ def sglang_command(config: RolloutConfig, model_path: str, *, port: int, base_gp
         argv.append("--enable-memory-saver")
     if config.deterministic_inference:
         argv.append("--enable-deterministic-inference")
+    if config.enable_return_routed_experts:
+        argv.append("--enable-return-routed-experts")
     return argv + list(config.extra_server_args)
 
 

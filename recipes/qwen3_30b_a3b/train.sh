@@ -9,6 +9,7 @@
 #   MCORE_CKPT      Megatron checkpoint of it; converted from HF_MODEL_PATH first if missing  [${HF_MODEL_PATH}_mcore]
 #   CONVERT_ONLY    1: convert if needed and exit (sbatch.slurm does this once before the multi-node launch) [0]
 #   GPUS_PER_NODE [8]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
+#   OMP_NUM_THREADS threads per rank for the CPU Adam of the hybrid optimizer  [usable cores / GPUS_PER_NODE]
 # Check the memory plan first: python -m megatron_sapo.plan --config "$CONFIG" --nodes "$NNODES" "$@"
 set -euo pipefail
 
@@ -21,6 +22,10 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 
+# Each rank's CPU Adam (optimizer_cpu_offload) updates its ~3.8B expert params on OMP threads; torchrun sets
+# OMP_NUM_THREADS=1 when it is unset, which leaves it one core. nproc counts the cores this job may use.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / GPUS_PER_NODE > 0 ? $(nproc) / GPUS_PER_NODE : 1 ))}
+echo "OMP_NUM_THREADS=$OMP_NUM_THREADS per rank ($(nproc) cores, $GPUS_PER_NODE ranks)" >&2
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron overlaps TP/EP communication with compute only with this
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # less fragmentation
 
