@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 import torch
+from http_json import post_json
 
 from megatron_sapo.rollout import RolloutConfig, RolloutEngine, RolloutError, SamplingParams
 from megatron_sapo.rollout.client import sample_seed
@@ -37,16 +38,6 @@ def recomputed_logprobs(model, prompt, response, temperature):
     logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
     scale = temperature if temperature > 0 else 1.0
     return torch.log_softmax(logits / scale, -1).gather(-1, torch.tensor(response)[:, None])[:, 0], logits
-
-
-def post(url, path, body):
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def test_n_samples_per_prompt(engine):
@@ -79,8 +70,8 @@ def test_seeds_reproduce_the_same_tokens_whatever_the_batch(engine):
     # The server side of it: one seeded row decoded alone, then inside a batch of other prompts.
     seeded = {"temperature": 1.0, "max_new_tokens": 10, "sampling_seed": 1234, "ignore_eos": True}
     unseeded = {"temperature": 1.0, "max_new_tokens": 14, "ignore_eos": True}
-    _, single = post(engine.urls[0], "/generate", {"input_ids": PROMPTS[1], "sampling_params": seeded})
-    _, batch = post(engine.urls[0], "/generate", {"input_ids": [PROMPTS[0], PROMPTS[1], PROMPTS[2]],
+    _, single = post_json(engine.urls[0], "/generate", {"input_ids": PROMPTS[1], "sampling_params": seeded})
+    _, batch = post_json(engine.urls[0], "/generate", {"input_ids": [PROMPTS[0], PROMPTS[1], PROMPTS[2]],
                                                   "sampling_params": [unseeded, seeded, unseeded]})  # fmt: skip
     assert single["output_ids"] == batch[1]["output_ids"] and len(single["output_ids"]) == 10
 
@@ -164,7 +155,7 @@ def test_sampling_follows_the_tempered_distribution(engine, hf_model):
 
 
 def test_replies_have_sglangs_shape(engine):
-    status, reply = post(
+    status, reply = post_json(
         engine.urls[0],
         "/generate",
         {"input_ids": PROMPTS[0], "return_logprob": True, "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
@@ -177,7 +168,7 @@ def test_replies_have_sglangs_shape(engine):
     assert all(isinstance(lp, float) and text is None for lp, _, text in meta["output_token_logprobs"])
 
     # A batch with n=2 is the batch twice over (SGLang: input_ids * n), one reply per row.
-    status, replies = post(
+    status, replies = post_json(
         engine.urls[0],
         "/generate",
         {"input_ids": [PROMPTS[0], PROMPTS[1]], "sampling_params": {"max_new_tokens": 2, "n": 2}},
@@ -200,7 +191,7 @@ def test_replies_have_sglangs_shape(engine):
 )
 def test_bad_requests_get_sglangs_400(engine, body, message):
     """SGLang 0.5.23's shapes: the schema check answers {"error": text}, a ValueError {"error": {"message": text}}."""
-    status, reply = post(engine.urls[0], "/generate", body)
+    status, reply = post_json(engine.urls[0], "/generate", body)
     assert status == 400 and set(reply) == {"error"}
     text = reply["error"] if "unknown field" in message else reply["error"]["message"]
     assert __import__("re").search(message, text), text

@@ -5,13 +5,12 @@ gate is checked over loopback. ~10 s."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
+from http_json import post_json
 
 from megatron_sapo.rollout.decode import DecodeRequest, decode_batch
 from megatron_sapo.rollout.server import ABORTED, ABORTED_WAITING, Live, ModelWorker, load_model, weight_version_spans
@@ -85,31 +84,23 @@ def test_weight_version_spans_follow_sglang():
     assert weight_version_spans([], "2", 0) == [{"version": "2", "start": 0, "end": 0}]
 
 
-def _post(url: str, path: str, body: dict):
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        text = reply.read()
-        return reply.status, json.loads(text) if text else None
-
-
 def test_http_pause_holds_new_requests_until_continue_and_abort_by_rid(tiny_hf_dir):
     from megatron_sapo.rollout import RolloutConfig, RolloutEngine
 
     config = RolloutConfig(backend="embedded", n=1, max_new_tokens=8)
     with RolloutEngine(config, model_path=tiny_hf_dir, eos_token_id=5) as engine:
         url = engine.urls[0]
-        assert _post(url, "/pause_generation", {"mode": "in_place"}) == (
+        assert post_json(url, "/pause_generation", {"mode": "in_place"}) == (
             200, {"message": "Generation paused successfully.", "status": "ok"},
         )  # fmt: skip
         replies = []
         body = {"input_ids": [1, 7, 8], "rid": "held", "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
-        thread = threading.Thread(target=lambda: replies.append(_post(url, "/generate", body)))
+        thread = threading.Thread(target=lambda: replies.append(post_json(url, "/generate", body)))
         thread.start()
         time.sleep(0.5)
         assert not replies  # waits at the gate, as SGLang's is_pause_cond
-        assert _post(url, "/abort_request", {"rid": "held"}) == (200, None)  # not admitted yet: nothing to abort
-        assert _post(url, "/continue_generation", {}) == (
+        assert post_json(url, "/abort_request", {"rid": "held"}) == (200, None)  # not admitted yet: nothing to abort
+        assert post_json(url, "/continue_generation", {}) == (
             200, {"message": "Generation continued successfully.", "status": "ok"},
         )  # fmt: skip
         thread.join(60)
@@ -119,6 +110,6 @@ def test_http_pause_holds_new_requests_until_continue_and_abort_by_rid(tiny_hf_d
         assert meta["weight_versions"] == [{"version": "default", "start": 0, "end": 4}]
         assert meta["weight_version"] == "default"
         # Nothing in flight: a pause in abort mode returns at once.
-        assert _post(url, "/pause_generation", {})[0] == 200
-        assert _post(url, "/continue_generation", {})[0] == 200
+        assert post_json(url, "/pause_generation", {})[0] == 200
+        assert post_json(url, "/continue_generation", {})[0] == 200
         assert torch.tensor(len(reply["output_ids"])) == 4

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.request
 
 import pytest
 import torch
+from http_json import post_json
 
 from megatron_sapo.models.routing_replay import decode_routed_experts
 from megatron_sapo.rollout import RolloutConfig, RolloutEngine
@@ -60,25 +60,15 @@ def test_start_len_and_bad_requests(engine, tiny_hf_dir):
     url = engine.urls[0]
     body = {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0.0},
             "return_routed_experts": True, "routed_experts_start_len": 3}  # fmt: skip
-    status, reply = _post(url, body)
+    status, reply = post_json(url, "/generate", body)
     assert status == 200
     routing = decode_routed_experts(reply["meta_info"]["routed_experts"], 4, 2)
     full = len(PROMPTS[0]) + len(reply["output_ids"]) - 1
     assert routing.shape[0] == full - 3
-    status, reply = _post(url, {**body, "routed_experts_start_len": len(PROMPTS[0]) + 1})
+    status, reply = post_json(url, "/generate", {**body, "routed_experts_start_len": len(PROMPTS[0]) + 1})
     assert status == 400 and "routed_experts_start_len" in json.dumps(reply)
-    status, reply = _post(url, {k: v for k, v in body.items() if k != "return_routed_experts"})
+    status, reply = post_json(url, "/generate", {k: v for k, v in body.items() if k != "return_routed_experts"})
     assert status == 200 and "routed_experts" not in reply["meta_info"]
-
-
-def _post(url, body):
-    request = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def test_launcher_flag_and_request_fields():

@@ -4,14 +4,12 @@ the server holds the trainer to SGLang 0.5.23's order (weight-update sessions, m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
+from http_json import post_json
 from torchrun import torchrun
 
 from megatron_sapo.rollout import RolloutConfig, RolloutEngine, RolloutError
@@ -212,16 +210,6 @@ def test_colocated_trainer_ranks_hand_their_server_ranks_tensor_handles(fresh, t
     assert {v for _, _, v in result["generations"]} == {"torchrun-1"}
 
 
-def post(url: str, path: str, body: dict):
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_tensor_update_in_one_process_generates_like_a_fresh_server(server, fresh, tiny_hf_dir, perturbed_dir):
     """A one-process trainer colocated with a TP-1 server (weight_sync=tensor, external): the same generations."""
     config = RolloutConfig(backend="external", urls=server.urls, weight_sync="tensor", bucket_size_mb=BUCKET_MB)
@@ -243,20 +231,21 @@ def test_the_server_holds_the_trainer_to_sglangs_order(server, baseline, tiny_hf
     _, views = pack_bucket([("model.norm.weight", torch.ones(64))])
     tensor_update = {"serialized_named_tensors": [serialize_named_tensors(views)]}
     outside = "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
-    assert post(url, "/update_weights_from_tensor", tensor_update) == (400, {"success": False, "message": outside})
-    status, reply = post(url, "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
+    assert post_json(url, "/update_weights_from_tensor", tensor_update) == (400, {"success": False, "message": outside})
+    status, reply = post_json(url, "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
     assert status == 400 and "must run between begin_weight_update() and end_weight_update()" in reply["message"]
-    assert post(url, "/end_weight_update", {})[1]["message"].startswith("no weight-update session is open")
-    assert post(url, "/begin_weight_update", {})[0] == 200
+    assert post_json(url, "/end_weight_update", {})[1]["message"].startswith("no weight-update session is open")
+    assert post_json(url, "/begin_weight_update", {})[0] == 200
     try:
-        assert post(url, "/begin_weight_update", {})[1]["message"].startswith("a weight-update session is already")
-        assert post(url, "/update_weights_from_tensor", {**tensor_update, "serialized_named_tensors": []})[0] == 400
+        assert post_json(url, "/begin_weight_update", {})[1]["message"].startswith("a weight-update session is already")
+        no_payload = {**tensor_update, "serialized_named_tensors": []}
+        assert post_json(url, "/update_weights_from_tensor", no_payload)[0] == 400
         server.release_memory(["weights"])
-        status, reply = post(url, "/update_weights_from_tensor", tensor_update)
+        status, reply = post_json(url, "/update_weights_from_tensor", tensor_update)
         assert status == 400 and "the weights are released" in reply["message"]
         server.resume_memory(["weights"])
     finally:
-        assert post(url, "/end_weight_update", {})[0] == 200
+        assert post_json(url, "/end_weight_update", {})[0] == 200
 
     config = RolloutConfig(backend="external", urls=server.urls, weight_sync="tensor", bucket_size_mb=BUCKET_MB)
     with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
@@ -264,8 +253,8 @@ def test_the_server_holds_the_trainer_to_sglangs_order(server, baseline, tiny_hf
         message = r"update_weights_from_tensor: HTTP 400: Failed to update weights from tensors: model.layers.0.mlp"
         with pytest.raises(RolloutError, match=message + r".not_a_weight: no such weight"):
             trainer_side.update_weights(iter(bad))
-    assert post(url, "/begin_weight_update", {})[0] == 200  # the failed update closed its session
-    assert post(url, "/end_weight_update", {})[0] == 200
+    assert post_json(url, "/begin_weight_update", {})[0] == 200  # the failed update closed its session
+    assert post_json(url, "/end_weight_update", {})[0] == 200
     assert_same_generations(generations(server), baseline)  # the refused bucket changed nothing
 
 
