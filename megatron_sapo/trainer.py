@@ -19,6 +19,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -237,13 +238,19 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
 
     def generate_round():
         nonlocal round_index
-        prompts = stream.next_batch(config.data.prompts_per_generation_round)
-        outputs = engine.generate(
-            [p.prompt_ids for p in prompts],
-            n=n,
-            seed=_round_seed(config.trainer.seed, step, round_index),
-            max_new_tokens=config.data.max_response_length,
-        )
+        wanted = config.data.prompts_per_generation_round
+        drawn = math.ceil(config.rollout.over_sample_factor * wanted)
+        prompts = stream.next_batch(drawn)
+        prompt_ids = [p.prompt_ids for p in prompts]
+        seed = _round_seed(config.trainer.seed, step, round_index)
+        if drawn > wanted:  # over-sampling: the first `wanted` groups to complete, the rest aborted
+            kept, outputs = engine.generate_first(
+                prompt_ids, wanted, n=n, seed=seed, max_new_tokens=config.data.max_response_length
+            )
+            prompts = [prompts[i] for i in kept]
+            metrics["rollout/aborted_groups"] = metrics.get("rollout/aborted_groups", 0.0) + drawn - len(kept)
+        else:
+            outputs = engine.generate(prompt_ids, n=n, seed=seed, max_new_tokens=config.data.max_response_length)
         round_index += 1
         scores, info = _score(rewards, tokenizer, [(p, s) for p, group in zip(prompts, outputs) for s in group])
         for key in ("num_errors", "num_timeouts"):

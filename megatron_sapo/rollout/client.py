@@ -43,6 +43,7 @@ import json
 import logging
 import random
 import threading
+import uuid
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -174,6 +175,7 @@ class RolloutClient:
         self.exit_reason = None
         self._down_checks: dict[str, asyncio.Task] = {}
         self._warned: set[tuple] = set()
+        self.aborted_requests = 0  # requests generate_first_groups aborted that answered with finish_reason abort
 
     # --- plumbing -------------------------------------------------------------------------------------------------
 
@@ -276,18 +278,28 @@ class RolloutClient:
 
     # --- generation -----------------------------------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RolloutSample:
-        """One response to one prompt."""
+    async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+                       rid: str | None = None) -> RolloutSample:  # fmt: skip
+        """One response to one prompt. Without a ``rid`` nobody can abort it on purpose, so an aborted reply is
+        retried; with one (see :meth:`generate_first_groups`) it comes back with finish_reason ``abort``."""
 
         def not_aborted(reply):
             reason = reply.get("meta_info", {}).get("finish_reason") if isinstance(reply, dict) else None
             if isinstance(reason, dict) and reason.get("type") == "abort":
                 raise _Retryable(f"the server aborted the request: {reason.get('message', '')}")
 
+        payload = generate_payload(prompt_ids, sampling) | ({"rid": rid} if rid is not None else {})
         await self._http()
         async with self._semaphore:
-            reply = await self.request("POST", "/generate", generate_payload(prompt_ids, sampling), check=not_aborted)
+            reply = await self.request("POST", "/generate", payload, check=None if rid else not_aborted)
         return parse_generate_response(reply, prompt_ids)
+
+    def _seeded(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, seed: int | None):
+        """``(p, s, params)`` for response ``s`` to prompt ``p``, seeded with ``sample_seed(seed, p, s)``."""
+        base = sampling.seed if seed is None else seed
+        if base is None:
+            base = random.SystemRandom().randrange(2**31)
+        return [(p, s, replace(sampling, seed=sample_seed(base, p, s))) for p in range(len(prompts)) for s in range(n)]
 
     async def generate_groups(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
                               seed: int | None = None) -> list[list[RolloutSample]]:  # fmt: skip
@@ -296,14 +308,8 @@ class RolloutClient:
         Response ``s`` to prompt ``p`` samples with seed ``sample_seed(seed, p, s)`` (``seed`` defaults to
         ``sampling.seed``; with neither, a random one: SGLang's deterministic mode would give every unseeded
         request the same seed)."""
-        base = sampling.seed if seed is None else seed
-        if base is None:
-            base = random.SystemRandom().randrange(2**31)
-        tasks = []
-        for p, prompt in enumerate(prompts):
-            for s in range(n):
-                params = replace(sampling, seed=sample_seed(base, p, s))
-                tasks.append(asyncio.ensure_future(self.generate(prompt, params)))
+        tasks = [asyncio.ensure_future(self.generate(prompts[p], params)) for p, _, params in
+                 self._seeded(prompts, n, sampling, seed)]  # fmt: skip
         if not tasks:
             return [[] for _ in prompts]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -315,6 +321,57 @@ class RolloutClient:
             raise failed.exception()
         samples = [t.result() for t in tasks]
         return [samples[p * n : (p + 1) * n] for p in range(len(prompts))]
+
+    async def generate_first_groups(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                                    keep: int, seed: int | None = None) -> tuple[list[int], list[list]]:  # fmt: skip
+        """Over-sampling (slime's partial rollout): ``n`` responses to each prompt, all in flight together, until
+        ``keep`` groups have all ``n`` responses finished; the rest are aborted on every server and discarded.
+
+        Returns the kept prompts' indices and their groups, in the order the groups completed. Seeds are as in
+        :meth:`generate_groups`, so a kept group is the very group that call gives for that prompt. Which groups
+        are kept depends on timing. Every request gets its own ``rid`` and is aborted by that exact id: SGLang
+        0.5.23's ``TokenizerManager.abort_request`` drops an id it does not hold, so a shared prefix (which its
+        scheduler would match) never gets that far. An id a server does not hold is a no-op there, so each abort
+        goes to every server (or the router) rather than tracking which one took the request.
+        """
+        if not 1 <= keep <= len(prompts):
+            raise ValueError(f"keep={keep} must be between 1 and the {len(prompts)} prompts")
+        prefix = f"osg-{uuid.uuid4().hex}-"
+        owner: dict[asyncio.Future, tuple[int, int, str]] = {}
+        for p, s, params in self._seeded(prompts, n, sampling, seed):
+            rid = f"{prefix}{p}.{s}."  # the trailing dot: no id is a prefix of another
+            owner[asyncio.ensure_future(self.generate(prompts[p], params, rid=rid))] = (p, s, rid)
+        left = [n] * len(prompts)
+        kept: list[int] = []
+        pending = set(owner)
+        while pending and len(kept) < keep:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: owner[t][:2]):
+                if task.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    raise task.exception()
+                p = owner[task][0]
+                left[p] -= 1
+                if task.result().finish_reason == "abort":
+                    left[p] = -1  # aborted by someone else: the group cannot complete
+                if left[p] == 0:
+                    kept.append(p)
+        if pending:
+            await self.abort_requests([owner[t][2] for t in pending])
+            # Aborted requests answer at their next decode step with their partial output; those are dropped.
+            replies = await asyncio.gather(*pending, return_exceptions=True)
+            self.aborted_requests += sum(isinstance(r, RolloutSample) and r.finish_reason == "abort" for r in replies)
+        kept = kept[:keep]
+        finished = {owner[t][:2]: t for t in owner if t.done() and not t.cancelled() and t.exception() is None}
+        return kept, [[finished[p, s].result() for s in range(n)] for p in kept]
+
+    async def abort_requests(self, rids: Sequence[str]) -> None:
+        """``/abort_request`` for each id on every server (SGLang's ``AbortReq``: ``rid``, ``abort_all``)."""
+        targets = self.urls or [self.router_url]
+        await asyncio.gather(*(self.request("POST", "/abort_request", {"rid": rid}, url=url)
+                               for url in targets for rid in rids))  # fmt: skip
 
     # --- health and admin -----------------------------------------------------------------------------------------
 

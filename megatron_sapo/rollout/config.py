@@ -105,6 +105,11 @@ class RolloutConfig:
     master_addr: str | None = None
     weight_sync_timeout_s: float = 600.0
 
+    # Over-sampling (slime's partial rollout): each generation round draws ceil(factor × prompts per round) prompts,
+    # keeps the first groups to finish all ``n`` responses and aborts the rest. 1.0: off (every group is awaited).
+    # Which groups are kept depends on timing, so a resumed run is exact only with it off.
+    over_sample_factor: float = 1.0
+
     # --- embedded server ---
     embedded_max_batch_size: int = 64  # sequences decoded together
 
@@ -127,6 +132,9 @@ class RolloutConfig:
         _check_sampling("rollout.", self)
         _check_sampling("rollout.val_kwargs.", self.val_kwargs)
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        _check(isinstance(self.over_sample_factor, (int, float)) and self.over_sample_factor >= 1.0,
+               f"rollout.over_sample_factor={self.over_sample_factor!r}: must be >= 1.0 (1.0: no over-sampling; "
+               "1.5 draws half as many prompts again per round)")  # fmt: skip
         for name in ("tp_size", "ep_size", "dp_size", "num_nodes", "gpus_per_node", "concurrency",
                      "embedded_max_batch_size"):  # fmt: skip
             value = getattr(self, name)

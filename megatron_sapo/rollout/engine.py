@@ -201,6 +201,18 @@ class RolloutEngine:
         count = self.config.n if n is None else n
         return self._loop.run(self.client.generate_groups([list(p) for p in prompt_token_ids], count, params, seed))
 
+    def generate_first(self, prompt_token_ids: Sequence[Sequence[int]], keep: int, n: int | None = None, *,
+                       seed: int | None = None,
+                       max_new_tokens: int | None = None) -> tuple[list[int], list[list[RolloutSample]]]:  # fmt: skip
+        """Over-sampling: the first ``keep`` prompts whose ``n`` samples all finish, as ``(prompt indices, groups)``
+        in completion order; the other requests are aborted (``RolloutClient.generate_first_groups``)."""
+        params = self.sampling_params()
+        if max_new_tokens is not None:
+            params = replace(params, max_new_tokens=max_new_tokens)
+        count = self.config.n if n is None else n
+        prompts = [list(p) for p in prompt_token_ids]
+        return self._loop.run(self.client.generate_first_groups(prompts, count, params, keep, seed))
+
     # --- weights ----------------------------------------------------------------------------------------------------
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
