@@ -135,6 +135,8 @@ def client_requests() -> list[tuple[str, str, object]]:
     calls = {
         "generate": lambda: client.generate([1, 2, 3], everything),
         "generate_groups": lambda: client.generate_groups([[1, 2]], 2, everything),
+        "generate_first_groups": lambda: client.generate_first_groups([[1, 2], [3, 4]], 2, everything, keep=1),
+        "abort_requests": lambda: client.abort_requests(["osg-0-0.0."]),
         "healthy": lambda: client.healthy(stub.url),
         "flush_cache": lambda: client.flush_cache(stub.url),
         "server_info": lambda: client.server_info(stub.url),
@@ -190,7 +192,7 @@ def routes(wheel) -> dict[str, tuple[set[str], str | None]]:
         struct = None
         for arg in node.args.args:
             text = ast.unparse(arg.annotation) if arg.annotation is not None else ""
-            found = re.search(r"\b(\w+ReqInput)\b", text)
+            found = re.search(r"\b(\w+Req(?:Input)?)\b", text)
             struct = struct or (found.group(1) if found else None)
         for decorator in node.decorator_list:
             if not (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
