@@ -1,10 +1,10 @@
-# make install | test | lint | demo | gpu-smoke | wheelhouse. Everything runs inside ./.venv (gpu-smoke: ./.venv-gpu).
+# make install | test | lint | demo | demo-gae | gpu-smoke | wheelhouse. Everything runs inside ./.venv (gpu-smoke: ./.venv-gpu).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo clean gpu-smoke wheelhouse
+.PHONY: install test lint demo demo-gae clean gpu-smoke wheelhouse
 
 # On a machine that already has torch (an NGC container, a cluster image) the venv sees it and keeps it;
 # otherwise torch==2.13.0 is installed, which is the CPU build on our CPU machines.
@@ -31,6 +31,12 @@ clean:
 # The CPU demo: tiny Qwen3-MoE, warm start, conversion, SAPO under torchrun (EP=2), metrics plot (~5 min).
 demo: install
 	bash recipes/tiny_moe/demo.sh
+
+# The same task with GAE: a Megatron critic (the policy's trunk + a value head) trained every step, the actor from
+# step 5 (trainer.critic_warmup), advantages from the critic's values (README: "The critic (GAE)").
+demo-gae: install
+	OUT=outputs/demo_gae bash recipes/tiny_moe/demo.sh algorithm.adv_estimator=gae critic.optim.lr=3e-4 \
+		critic.optim.weight_decay=0 trainer.critic_warmup=5
 
 # One H100/H200 with torch (CUDA) already installed and no network: the Qwen3-30B-A3B recipe's switches through the
 # trainer on a tiny model, offload's freed GPU memory, and the loss kernel against megatron's on the GPU, as one

@@ -9,7 +9,7 @@ times each way, alternating. Printed per way: the bytes each rank wrote (the sha
 and the median save and load times. Without the wrapper a tensor replicated over data-parallel ranks (every dense
 weight when DP > 1) is written by DP rank 0 alone; with it the replicas split the writing, and on load each reads a
 share and they exchange the rest. ``--hf-dir``: e.g. the tiny model of
-``megatron_sapo.models.tiny.make_tiny_qwen3_moe``.
+``megatron_sapo.models.tiny.make_tiny_model``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_sapo.actor import MegatronActor
 from megatron_sapo.checkpoint import load_sharded, save_sharded
 from megatron_sapo.config import load_config
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import load_arch
 from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes/tiny_moe/config.yaml")
     config = load_config(recipe, [f"model.path={args.hf_dir}", "model.mcore_checkpoint=null", *args.overrides],
                          world_size=int(os.environ.get("WORLD_SIZE", "1")), check_paths=False)  # fmt: skip
-    arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
+    arch = load_arch(args.hf_dir)
     initialize_model_parallel(config.actor.megatron.layout, seed=config.actor.megatron.seed, arch=arch)
     actor = MegatronActor(config, arch)
     actor.load_initial_weights()

@@ -79,11 +79,11 @@ def offload_memory(overrides: list[str]) -> dict[str, int]:
     """memory_allocated before offload, after it and after reload, with the actor's optimizer state allocated."""
     from megatron_sapo.actor import MegatronActor
     from megatron_sapo.config import load_config
-    from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+    from megatron_sapo.models import load_arch
     from megatron_sapo.parallel.state import initialize_model_parallel
 
     config = load_config(RECIPE, overrides, world_size=1)
-    arch = Qwen3MoeArch.from_hf_dir(config.model.path)
+    arch = load_arch(config.model.path)
     initialize_model_parallel(config.actor.megatron.layout, arch=arch)
     actor = MegatronActor(config, arch)
     actor.load_initial_weights()
@@ -147,12 +147,12 @@ def main() -> int:
         print("error: gpu_smoke needs a CUDA GPU", file=sys.stderr)
         return 2
     from megatron_sapo.data.arithmetic import write_arithmetic_jsonl
-    from megatron_sapo.models.qwen3_moe import transformer_engine_usable
-    from megatron_sapo.models.tiny import make_tiny_qwen3_moe
+    from megatron_sapo.models import transformer_engine_usable
+    from megatron_sapo.models.tiny import make_tiny_model
     from megatron_sapo.parallel.state import destroy, init_distributed
 
     os.makedirs(args.out, exist_ok=True)
-    hf_dir = make_tiny_qwen3_moe(os.path.join(args.out, "tiny"))
+    hf_dir = make_tiny_model(os.path.join(args.out, "tiny"), "qwen3_moe")
     train_file = write_arithmetic_jsonl(os.path.join(args.out, "train.jsonl"), num=32, max_operand=9)
     reward = os.path.join(args.out, "reward.py")
     with open(reward, "w") as f:

@@ -35,10 +35,10 @@ def _inputs(demo: str, scratch: str) -> list[str]:
         mcore = mcore if os.path.isdir(mcore) else "null"
         return [f"model.path={warm}", f"model.mcore_checkpoint={mcore}", f"data.train_files=[{train}]"]
     from megatron_sapo.data.arithmetic import write_arithmetic_jsonl
-    from megatron_sapo.models.tiny import make_tiny_qwen3_moe
+    from megatron_sapo.models.tiny import make_tiny_model
 
     print(f"no warm-started demo model in {demo} (make demo): a fresh tiny model instead")
-    hf = make_tiny_qwen3_moe(os.path.join(scratch, "tiny"))
+    hf = make_tiny_model(os.path.join(scratch, "tiny"), "qwen3_moe")
     train = write_arithmetic_jsonl(os.path.join(scratch, "train.jsonl"), num=36, max_operand=5)
     return [f"model.path={hf}", "model.mcore_checkpoint=null", f"data.train_files=[{train}]",
             "actor.router_replay.mode=disabled"]  # fmt: skip

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-# rollout_is_weights and loss_mask come from algorithm.rollout_correction (importance weights, rejection).
+# rollout_is_weights and loss_mask come from algorithm.rollout_correction (importance weights, rejection); values
+# and returns are the critic's (algorithm.adv_estimator=gae).
 PER_TOKEN_FIELDS = ("advantages", "old_log_probs", "ref_log_probs", "rollout_log_probs", "rollout_is_weights",
-                    "loss_mask")  # fmt: skip
+                    "loss_mask", "values", "returns")  # fmt: skip
 ROUTING_FIELDS = ("routed_experts", "replay_routing", "trainer_routing")
 
 
@@ -27,6 +28,8 @@ class Samples:
     rollout_log_probs: torch.Tensor | None = None
     rollout_is_weights: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None  # response tokens that stay in the loss (1) after rejection sampling
+    values: torch.Tensor | None = None  # the critic's values when the batch was made (GAE's, the clip's centre)
+    returns: torch.Tensor | None = None  # GAE's returns: the critic's targets
     # MoE routing per sample, [positions, num_hidden_layers, top_k] (models/routing_replay.py): the rollout
     # engine's, the one the trainer replays (R3: the engine's, R2: its own old-log-prob pass's), and the one the
     # trainer's old-log-prob pass used.

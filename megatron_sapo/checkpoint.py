@@ -88,8 +88,13 @@ def save_sharded(
     timeout_s: float = 3600.0,
     fully_parallel: bool = True,
     expected_bytes: int | None = None,
+    parts: dict[str, dict] | None = None,
 ) -> None:
     """Collective: save a Megatron sharded state dict to ``ckpt_dir`` atomically (an existing one is replaced).
+
+    ``parts`` (folder name → sharded state dict) are further Megatron checkpoints saved in subfolders of the same
+    atomic save (the critic's beside the actor's: megatron-core's distributed-optimizer keys,
+    ``optimizer.distributed.dp_group_idx_*``, take no prefix, so two optimizers cannot share one checkpoint).
 
     ``extra_files`` (name → text) are written by rank 0 into the checkpoint folder before it is published; the
     manifest (every file and its size) is written last, so a checkpoint is complete exactly when its manifest says so.
@@ -102,13 +107,15 @@ def save_sharded(
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     tmp_dir = ckpt_dir + ".tmp"
-    estimate = _all_ranks_sum(_bytes_to_write(sharded_state_dict))  # collective: on every rank, whatever the case
+    parts = parts or {}
+    mine = _bytes_to_write(sharded_state_dict) + sum(_bytes_to_write(part) for part in parts.values())
+    estimate = _all_ranks_sum(mine)  # collective: on every rank, whatever the case
     needed = expected_bytes or estimate
     verdict = None
     if _rank() == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(os.path.dirname(ckpt_dir), exist_ok=True)
-        shortage = _space_shortage(os.path.dirname(ckpt_dir), needed, _files_to_write())
+        shortage = _space_shortage(os.path.dirname(ckpt_dir), needed, _files_to_write() * (1 + len(parts)))
         if shortage:
             verdict = _disk_full_message(ckpt_dir, shortage, "nothing was written")
         else:
@@ -119,6 +126,12 @@ def save_sharded(
     try:
         with _SaveWatchdog(ckpt_dir, timeout_s):
             dist_checkpointing.save(sharded_state_dict, tmp_dir, sharded_strategy=_save_strategy(fully_parallel))
+            for name, part in parts.items():
+                if _rank() == 0:
+                    os.makedirs(os.path.join(tmp_dir, name))
+                _barrier()
+                dist_checkpointing.save(part, os.path.join(tmp_dir, name),
+                                        sharded_strategy=_save_strategy(fully_parallel))  # fmt: skip
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         # No collective from here on: one that a rank still inside megatron's save could pair up with would hang
         # or mix up data. megatron hands rank 0 every rank's write errors, so rank 0 alone says what happened.
@@ -386,6 +399,8 @@ def check_tensor_shapes(sharded_state_dict: dict, ckpt_dir: str, *, field: str =
 
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
+# algorithm.adv_estimator=gae: the critic's model, optimizer and scheduler, a Megatron checkpoint of its own here.
+CRITIC_DIR = "critic"
 
 
 def step_dir(checkpoints_dir: str, step: int) -> str:
@@ -411,18 +426,20 @@ def latest_step(checkpoints_dir: str) -> int | None:
     return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
 
 
-def resume_candidates(checkpoints_dir: str) -> tuple[str | None, list[str]]:
+def resume_candidates(
+    checkpoints_dir: str, required: tuple[str, ...] = (TRAINER_STATE_FILE,)
+) -> tuple[str | None, list[str]]:
     """The newest trustworthy checkpoint for ``trainer.resume=auto`` and why each newer one was passed over.
 
     Candidates are the `latest` one and those older than it (a folder newer than `latest` was renamed into place but
-    never published); each must pass :func:`checkpoint_problem` with its ``trainer_state.json``."""
+    never published); each must pass :func:`checkpoint_problem` with the ``required`` files."""
     newest = latest_step(checkpoints_dir)
     skipped = []
     for step in saved_steps(checkpoints_dir):
         if newest is not None and step > newest:
             continue
         path = step_dir(checkpoints_dir, step)
-        problem = checkpoint_problem(path, required=(TRAINER_STATE_FILE,))
+        problem = checkpoint_problem(path, required=required)
         if problem is None:
             return path, skipped
         skipped.append(f"{os.path.basename(path)} {problem}")

@@ -12,6 +12,7 @@ out-of-range values, batch arithmetic, and the parallel layout against the world
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -108,16 +109,19 @@ class ActorConfig:
     # SAPO's gate temperatures for positive / negative advantages (paper: 1.0 / 1.05).
     tau_pos: float = 1.0
     tau_neg: float = 1.05
-    # PPO/GSPO clipping (loss_mode vanilla or gspo); clip_ratio_c is the dual-clip bound.
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    # PPO/GSPO clipping (loss_mode vanilla or gspo); clip_ratio_c is the dual-clip bound. As in verl, a null
+    # clip_ratio_low/high falls back to clip_ratio. SAPO does not clip (its soft gate replaces the clip), so the
+    # seed's `clip_ratio_low: null` / `clip_ratio_high: null` change nothing for loss_mode=sapo.
+    clip_ratio: float = 0.2
+    clip_ratio_low: float | None = 0.2
+    clip_ratio_high: float | None = 0.2
     clip_ratio_c: float = 3.0
     loss_agg_mode: str = "token-mean"
     # Prompts per optimizer step (each with rollout.n responses); data.train_batch_size must be a multiple.
     ppo_mini_batch_size: int = 8
     ppo_epochs: int = 1
     # Micro-batches are length-bucketed to at most this many (padded) tokens per data-parallel rank.
-    max_tokens_per_micro_batch: int = 8192
+    max_tokens_per_micro_batch: int = 16384  # verl's ppo_max_token_len_per_gpu
     # Tokens per chunk of the vocab-parallel log-prob computation: bounds its fp32 work space (null: no chunks).
     log_prob_chunk_size: int | None = 4096
     # KL penalty to the reference (initial) policy, and entropy bonus.
@@ -131,6 +135,44 @@ class ActorConfig:
     router_replay: RouterReplayConfig = field(default_factory=RouterReplayConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high) clip ratios of the PPO modes, with verl's fallback of a null bound to ``clip_ratio``."""
+        low, high = self.clip_ratio_low, self.clip_ratio_high
+        return (self.clip_ratio if low is None else low, self.clip_ratio if high is None else high)
+
+
+@dataclass
+class CriticModelConfig:
+    # HF checkpoint folder of the critic's initial trunk (null: model.path, or model.mcore_checkpoint when set).
+    # It must have the actor's architecture. A *ForTokenClassification export with one label (transformers' and
+    # verl's critic format) brings the value head as score.weight; otherwise the head starts from a seeded init.
+    path: str | None = None
+
+
+@dataclass
+class CriticPolicyLossConfig:
+    # The seed's `critic.policy_loss.loss_mode=sapo`: verl's critic has no policy loss (it trains on the clipped
+    # value loss below whatever the actor's mode), so this key only restates the actor's mode. null, or the same
+    # mode as actor.policy_loss.loss_mode; it changes nothing.
+    loss_mode: str | None = None
+
+
+@dataclass
+class CriticConfig:
+    """The value model of algorithm.adv_estimator=gae (verl's ``critic.*``): the policy's trunk with a scalar head, on
+    the actor's processes and parallel layout (actor.megatron.*: layout, offload switches, micro-batch tokens).
+    Ignored with the other estimators. A null below takes the actor's value, as in verl."""
+
+    model: CriticModelConfig = field(default_factory=CriticModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # verl's critic lr
+    ppo_epochs: int | None = None
+    ppo_mini_batch_size: int | None = None  # prompts per critic optimizer step
+    # verl's clipped value loss: 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2).
+    cliprange_value: float = 0.5
+    loss_agg_mode: str | None = None
+    policy_loss: CriticPolicyLossConfig = field(default_factory=CriticPolicyLossConfig)
 
 
 @dataclass
@@ -159,7 +201,14 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 100
+    # Training steps (verl's total_training_steps). null: total_epochs × (prompts in data.train_files //
+    # data.train_batch_size), verl's count (its loader drops each epoch's last partial batch); set both and
+    # total_steps wins, as in verl.
+    total_steps: int | None = None
+    total_epochs: int = 30
+    # The launch the config was written for (verl's keys): checked against torchrun's world when set (null: any).
+    n_gpus_per_node: int | None = None
+    nnodes: int | None = None
     save_freq: int = 0  # 0: only at the end
     # With data.val_files: validate every test_freq steps (0: after the last step only) and, with
     # val_before_train, once before the first step (logged as step 0). Sampling: rollout.val_kwargs.
@@ -177,6 +226,10 @@ class TrainerConfig:
     # weights after step t-1) while step t trains, so every sample is exactly one update stale after the first step;
     # it needs the rollout servers on devices of their own (no colocated memory saver, tensor sync or offload).
     rollout_mode: str = "sync"
+    # algorithm.adv_estimator=gae: verl's critic warm-up. The actor updates (and the rollout engine gets new
+    # weights) from step critic_warmup on (steps count from 1, so 0 and 1 both mean from the first step); before
+    # that only the critic trains.
+    critic_warmup: int = 0
 
 
 @dataclass
@@ -189,6 +242,12 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+    @property
+    def use_critic(self) -> bool:
+        """verl's use_critic: a critic exists exactly when the advantages are GAE's."""
+        return self.algorithm.adv_estimator == "gae"
 
 
 VERL_PREFIX = "actor_rollout_ref."
@@ -278,7 +337,7 @@ def _colocated_switches(config: Config, world_size: int) -> list[str]:
 
 def validate_config(config: Config, world_size: int, *, check_paths: bool = True, hf_config_dir: str | None = None):
     """The cross-field rules (each field's own range is checked by its dataclass or here)."""
-    from megatron_sapo.models.qwen3_moe import Qwen3MoeArch, transformer_engine_usable
+    from megatron_sapo.models import load_arch, transformer_engine_usable
     from megatron_sapo.parallel.layout import validate_layout
 
     actor, megatron, data, trainer = config.actor, config.actor.megatron, config.data, config.trainer
@@ -296,8 +355,6 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
     _choice("actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES)
     _choice("actor.kl_loss_type", actor.kl_loss_type, sorted(KL_ESTIMATORS))
     _choice("algorithm.adv_estimator", config.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
-    _check(config.algorithm.adv_estimator != "gae", "algorithm.adv_estimator=gae needs a critic, which megatron_sapo "
-           "does not train; use grpo, rloo or reinforce_plus_plus")  # fmt: skip
     _check(config.rollout.temperature > 0, f"rollout.temperature={config.rollout.temperature}: must be > 0 for "
            "training; the loss uses log-probs of softmax(logits / temperature)")  # fmt: skip
     if config.rollout.backend != "external":  # external servers' layouts are known once they answer /server_info
@@ -307,7 +364,8 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
                             ranks_per_server=launched_ranks_per_server(config.rollout))  # fmt: skip
     _check(actor.tau_pos > 0, f"actor.tau_pos={actor.tau_pos}: must be > 0 (paper: 1.0)")
     _check(actor.tau_neg > 0, f"actor.tau_neg={actor.tau_neg}: must be > 0 (paper: 1.05)")
-    _check(actor.clip_ratio_low >= 0 and actor.clip_ratio_high >= 0, "actor.clip_ratio_low/high: must be >= 0")
+    _check(actor.clip_ratio >= 0, f"actor.clip_ratio={actor.clip_ratio}: must be >= 0")
+    _check(min(actor.clip_range) >= 0, "actor.clip_ratio_low/high: must be >= 0, or null (then actor.clip_ratio)")
     _check(actor.clip_ratio_c > 1, f"actor.clip_ratio_c={actor.clip_ratio_c}: must be > 1")
     _check(actor.tis_cap is None or actor.tis_cap > 0, f"actor.tis_cap={actor.tis_cap}: must be > 0, or null")
     _validate_mismatch_control(config)
@@ -332,7 +390,10 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
     _choice("actor.megatron.moe_token_dispatcher_type", megatron.moe_token_dispatcher_type, ("alltoall", "allgather"))
     fraction = megatron.optimizer_offload_fraction
     _check(0.0 <= fraction <= 1.0, f"actor.megatron.optimizer_offload_fraction={fraction}: must be in [0, 1]")
-    _check(trainer.total_steps >= 1, f"trainer.total_steps={trainer.total_steps}: must be >= 1")
+    _check(trainer.total_steps is None or trainer.total_steps >= 1,
+           f"trainer.total_steps={trainer.total_steps}: must be >= 1, or null (then trainer.total_epochs)")  # fmt: skip
+    _check(trainer.total_epochs >= 1, f"trainer.total_epochs={trainer.total_epochs}: must be >= 1")
+    _check_launch(trainer, world_size)
     _choice("trainer.rollout_mode", trainer.rollout_mode, ("sync", "one_step_off"))
     colocated = _colocated_switches(config, world_size)
     _check(trainer.rollout_mode == "sync" or not colocated,
@@ -347,7 +408,7 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
         f"trainer.resume={trainer.resume!r}: use auto, disable, or an existing checkpoint folder",
     )
 
-    arch = Qwen3MoeArch.from_hf_dir(hf_config_dir or config.model.path)
+    arch = load_arch(hf_config_dir or config.model.path)
     replay = actor.router_replay.mode
     _check(replay == "disabled" or any(arch.moe_layer_pattern),
            f"actor.router_replay.mode={replay}: the model has no MoE layers to replay; set it to disabled")  # fmt: skip
@@ -368,6 +429,86 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
         f"data.max_prompt_length + data.max_response_length = {longest} exceeds the model's "
         f"max_position_embeddings={arch.max_position_embeddings}",
     )
+    _check(trainer.critic_warmup >= 0, f"trainer.critic_warmup={trainer.critic_warmup}: must be >= 0 (0: no warm-up)")
+    for key in ("gamma", "lam"):
+        value = getattr(config.algorithm, key)
+        _check(0 <= value <= 1, f"algorithm.{key}={value}: must be in [0, 1]")
+    if config.use_critic:
+        _validate_critic(config, dp, arch, check_paths=check_paths)
+
+
+# The critic.* settings that take the actor's value when null (verl interpolates them from the actor's).
+CRITIC_FROM_ACTOR = ("ppo_epochs", "ppo_mini_batch_size", "loss_agg_mode")
+
+
+def _validate_critic(config: Config, dp: int, arch, *, check_paths: bool) -> None:
+    """critic.* for algorithm.adv_estimator=gae; its nulls take the actor's values here (the saved config shows
+    what ran)."""
+    critic, data = config.critic, config.data
+    for name in CRITIC_FROM_ACTOR:
+        if getattr(critic, name) is None:
+            setattr(critic, name, getattr(config.actor, name))
+    _check(critic.ppo_epochs >= 1, f"critic.ppo_epochs={critic.ppo_epochs}: must be >= 1")
+    _check(critic.ppo_mini_batch_size >= 1, f"critic.ppo_mini_batch_size={critic.ppo_mini_batch_size}: must be >= 1")
+    _check(data.train_batch_size % critic.ppo_mini_batch_size == 0,
+           f"data.train_batch_size={data.train_batch_size} is not a multiple of critic.ppo_mini_batch_size="
+           f"{critic.ppo_mini_batch_size}; make the batch divisible into mini-batches")  # fmt: skip
+    samples = critic.ppo_mini_batch_size * config.rollout.n
+    _check(samples % dp == 0, f"critic.ppo_mini_batch_size × rollout.n = {samples} samples per mini-batch do not "
+           f"split over {dp} data-parallel ranks; make it a multiple of the data-parallel size")  # fmt: skip
+    _choice("critic.loss_agg_mode", critic.loss_agg_mode, LOSS_AGG_MODES)
+    _check(critic.cliprange_value > 0, f"critic.cliprange_value={critic.cliprange_value}: must be > 0 (verl: 0.5)")
+    optim = critic.optim
+    _check(optim.lr > 0, f"critic.optim.lr={optim.lr}: must be > 0")
+    _choice("critic.optim.lr_decay_style", optim.lr_decay_style, ("constant", "linear", "cosine"))
+    _check(optim.clip_grad >= 0, f"critic.optim.clip_grad={optim.clip_grad}: must be >= 0 (0 disables clipping)")
+    mode, actor_mode = critic.policy_loss.loss_mode, config.actor.policy_loss.loss_mode
+    _check(mode in (None, actor_mode),
+           f"critic.policy_loss.loss_mode={mode}: the critic has no policy loss (it trains on the clipped value "
+           f"loss, critic.cliprange_value); the key may only restate actor.policy_loss.loss_mode={actor_mode}, or be "
+           "null")  # fmt: skip
+    path = critic.model.path
+    if path is not None and check_paths:
+        _check(os.path.isfile(os.path.join(path, "config.json")),
+               f"critic.model.path={path}: no config.json there; point it at an HF checkpoint folder")  # fmt: skip
+        with open(os.path.join(path, "config.json")) as f:
+            own = json.load(f)
+        for key, value in (("hidden_size", arch.hidden_size), ("num_hidden_layers", arch.num_layers),
+                           ("vocab_size", arch.vocab_size)):  # fmt: skip
+            _check(own.get(key) == value, f"critic.model.path={path}: its config.json has {key}={own.get(key)}, the "
+                   f"actor's model {value}; the critic shares the actor's architecture")  # fmt: skip
+
+
+def _check_launch(trainer: TrainerConfig, world_size: int) -> None:
+    """verl's trainer.n_gpus_per_node / trainer.nnodes against the processes torchrun started (LOCAL_WORLD_SIZE per
+    node, GROUP_WORLD_SIZE nodes, WORLD_SIZE in all); a key left null takes torchrun's value."""
+    per_node, nodes = trainer.n_gpus_per_node, trainer.nnodes
+    if per_node is None and nodes is None:
+        return
+    for key, value in (("n_gpus_per_node", per_node), ("nnodes", nodes)):
+        _check(value is None or value >= 1, f"trainer.{key}={value}: must be >= 1, or null (torchrun's)")
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    per_node = per_node or (int(local) if local else world_size // (nodes or 1))
+    nodes = nodes or int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    launched = f"torchrun started {world_size} process{'es' if world_size > 1 else ''}" + (
+        f" ({local} per node)" if local else "")  # fmt: skip
+    _check(
+        per_node * nodes == world_size and (not local or int(local) == per_node),
+        f"trainer.n_gpus_per_node={per_node} × trainer.nnodes={nodes} = {per_node * nodes} processes, but {launched}; "
+        f"launch torchrun --nnodes={nodes} --nproc_per_node={per_node}, or set both keys to match (null: torchrun's)",
+    )
+
+
+def resolve_total_steps(trainer: TrainerConfig, data: DataConfig, num_prompts: int) -> int:
+    """trainer.total_steps, or verl's count from trainer.total_epochs: whole batches of data.train_batch_size
+    prompts per epoch (a partial last batch is not counted)."""
+    if trainer.total_steps is not None:
+        return trainer.total_steps
+    per_epoch = num_prompts // data.train_batch_size
+    _check(per_epoch >= 1, f"trainer.total_epochs={trainer.total_epochs}: data.train_files hold {num_prompts} prompts, "
+           f"fewer than one batch (data.train_batch_size={data.train_batch_size}); lower the batch or set "
+           "trainer.total_steps")  # fmt: skip
+    return per_epoch * trainer.total_epochs
 
 
 ROUTER_REPLAY_MODES = ("disabled", "R2", "R3")

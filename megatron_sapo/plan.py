@@ -12,10 +12,12 @@ stage; ``t, p, c, e, et`` = TP, PP, CP, EP, ETP; ``dp = world/(t·p·c)``, ``edp
 Model state (how megatron_sapo's actor holds it: Megatron DDP with ``grad_reduce_in_fp32=True`` and the distributed
 optimizer):
 
-* parameters on a GPU, ``P = P_dense + P_expert``: attention ``h(q+2k) + qh`` per layer, the embedding on the first
-  stage and the output layer on the last (``V·h`` each) and dense MLPs ``3hF`` are split by ``t``; the norms
-  (``2h`` + q/k-norm ``2·head_dim`` per layer, final ``h``) and the router (``E·h``) are replicated; routed experts
-  ``E·3hf`` per MoE layer are split by ``e·et``. Vocab rows are padded (``Qwen3MoeArch.padded_vocab_size``).
+* parameters on a GPU, ``P = P_dense + P_expert``: attention ``h(q+2k) + qh`` per layer (``+ q+2k`` with q/k/v
+  biases), the embedding on the first stage and the output layer on the last (``V·h`` each; a tied output layer is
+  the embedding with PP=1 and a trained copy of it on the last stage with PP>1) and dense MLPs ``3hF`` are split by
+  ``t``; the norms (``2h`` + q/k-norm ``2·head_dim`` per layer when the model has it, final ``h``) and the router
+  (``E·h``) are replicated; routed experts
+  ``E·3hf`` per MoE layer are split by ``e·et``. Vocab rows are padded (``ModelArch.padded_vocab_size``).
 * params ``2P`` (bf16; ``4P`` for float32), grads ``4P`` (the fp32 grad buffer is not sharded: the distributed
   optimizer reduce-scatters inside it), each counted as Megatron's DDP buffer lays them out (:func:`buffer_numel`:
   every parameter starts at a multiple of 64 elements, the bucket ends at a multiple of ``lcm(dp, 128)``).
@@ -31,6 +33,9 @@ optimizer):
   stays on the GPU unless Megatron's precision-aware optimizer path is used (:data:`PRECISION_AWARE_OPTIMIZER`,
   which mirrors ``actor.py``'s ``OptimizerConfig``); with it the GPU part is ``12(1-φ)S``.
 * the KL reference policy (``actor.use_kl_loss``): ``2P`` more, never offloaded.
+* the critic (``algorithm.adv_estimator=gae``): a second model state as above (params, grads, optimizer, offloaded
+  with the actor's switches) on the same layout, with the output layer replaced by the ``h``-parameter value head.
+  It trains and infers in turn with the actor, so its activations (no larger: no logits) do not add to the peak.
 
 Activations, per micro-batch of ``T = actor.max_tokens_per_micro_batch`` padded tokens per DP rank, ``T' = T/(t·c)``
 tokens per rank in the sequence-parallel regions (tensor-parallel regions hold ``T/c`` tokens of ``1/t`` of the
@@ -102,7 +107,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megatron_sapo.errors import InputError
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import ModelArch, load_arch
 from megatron_sapo.parallel.layout import ParallelLayout
 
 if TYPE_CHECKING:
@@ -148,6 +153,7 @@ class PlanSettings:
     gpus_per_node: int = DEFAULT_GPUS_PER_NODE
     log_prob_chunk_size: int | None = 4096  # actor.log_prob_chunk_size (null: the whole micro-batch)
     precision_aware_optimizer: bool = PRECISION_AWARE_OPTIMIZER
+    critic: bool = False  # algorithm.adv_estimator=gae
 
     @classmethod
     def from_config(cls, config: "Config", world_size: int, *, gpus_per_node: int | None = None) -> "PlanSettings":
@@ -170,6 +176,7 @@ class PlanSettings:
             optimizer_cpu_offload=megatron.optimizer_cpu_offload,
             optimizer_offload_fraction=megatron.optimizer_offload_fraction,
             use_kl_loss=actor.use_kl_loss,
+            critic=config.use_critic,
             entropy_gradient=actor.entropy_coeff != 0,
             # null means "TE when importable on CUDA"; the GPUs we plan for have it (NGC containers do).
             flash_attention=megatron.use_transformer_engine is not False,
@@ -193,21 +200,21 @@ class LayerParams:
     dense_mlp: int  # dense (non-MoE) MLP: split by TP
 
 
-def layer_params(arch: Qwen3MoeArch, moe: bool) -> LayerParams:
+def layer_params(arch: ModelArch, moe: bool) -> LayerParams:
     h, q, k = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    norms = 2 * h + 2 * arch.head_dim
+    norms = 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
     return LayerParams(
-        attention=h * (q + 2 * k) + q * h,
+        attention=h * (q + 2 * k) + q * h + ((q + 2 * k) if arch.qkv_bias else 0),
         replicated=norms + (arch.num_experts * h if moe else 0),
         experts=arch.num_experts * 3 * h * arch.moe_intermediate_size if moe else 0,
         dense_mlp=0 if moe else 3 * h * arch.intermediate_size,
     )
 
 
-def model_parameter_count(arch: Qwen3MoeArch) -> int:
+def model_parameter_count(arch: ModelArch) -> int:
     """All parameters of the model, vocab padding rows excluded (the HF count)."""
     layers = sum(sum(dataclasses.astuple(layer_params(arch, bool(moe)))) for moe in arch.moe_layer_pattern)
-    return layers + 2 * arch.vocab_size * arch.hidden_size + arch.hidden_size
+    return layers + (1 if arch.tie_word_embeddings else 2) * arch.vocab_size * arch.hidden_size + arch.hidden_size
 
 
 @dataclass(frozen=True)
@@ -240,7 +247,7 @@ class StageParams:
         return f"stage {self.stage} of {pp}, {where}: layers {self.first_layer}-{last_layer}"
 
 
-def stage_params(arch: Qwen3MoeArch, layout: ParallelLayout, stage: int) -> StageParams:
+def stage_params(arch: ModelArch, layout: ParallelLayout, stage: int) -> StageParams:
     """Per-GPU parameters of pipeline stage ``stage`` (layers split evenly; validate_layout checks divisibility)."""
     per_stage = arch.num_layers // layout.pp
     pattern = arch.moe_layer_pattern[stage * per_stage : (stage + 1) * per_stage]
@@ -249,8 +256,9 @@ def stage_params(arch: Qwen3MoeArch, layout: ParallelLayout, stage: int) -> Stag
     dense: list[int] = []
     expert: list[int] = []
     for moe in pattern:
-        # input norm, QKV, q/k norms, output projection, pre-MLP norm
-        dense += [h, h * (q + 2 * k) // t, d, d, q * h // t, h]
+        # input norm, QKV (and its bias), q/k norms, output projection, pre-MLP norm
+        dense += [h, h * (q + 2 * k) // t, *([(q + 2 * k) // t] if arch.qkv_bias else []),
+                  *([d, d] if arch.qk_norm else []), q * h // t, h]  # fmt: skip
         if moe:
             dense.append(arch.num_experts * h)  # router
             f = arch.moe_intermediate_size // layout.etp
@@ -261,7 +269,9 @@ def stage_params(arch: Qwen3MoeArch, layout: ParallelLayout, stage: int) -> Stag
     if stage == 0:
         dense.append(embedding)
     if stage == layout.pp - 1:
-        dense += [h, embedding]  # final norm, untied output layer
+        dense.append(h)  # final norm
+        if not arch.tie_word_embeddings or layout.pp > 1:
+            dense.append(embedding)  # the output layer (tied: the last stage's copy of the embedding)
     return StageParams(
         stage=stage,
         first_layer=stage * per_stage,
@@ -272,6 +282,16 @@ def stage_params(arch: Qwen3MoeArch, layout: ParallelLayout, stage: int) -> Stag
         dense_tensors=tuple(dense),
         expert_tensors=tuple(expert),
     )
+
+
+def critic_stage_params(arch: ModelArch, layout: ParallelLayout, stage: int) -> StageParams:
+    """The critic's: the actor's trunk, untied, with the last stage's output layer replaced by the value head
+    (``h`` parameters, replicated over TP)."""
+    params = stage_params(dataclasses.replace(arch, tie_word_embeddings=False), layout, stage)
+    if stage != layout.pp - 1:
+        return params
+    dense = params.dense_tensors[:-1] + (arch.hidden_size,)
+    return dataclasses.replace(params, dense=sum(dense), dense_tensors=dense)
 
 
 def buffer_numel(tensors: tuple[int, ...], group: int) -> int:
@@ -352,13 +372,13 @@ def segmented_host_bytes(total: float) -> int:
 # --- activations ----------------------------------------------------------------------------------------------------
 
 
-def attention_bytes_per_token(arch: Qwen3MoeArch) -> int:
+def attention_bytes_per_token(arch: ModelArch) -> int:
     """Kept by one attention block per sequence-parallel token ``T'`` (see the module docstring)."""
     h, q, k = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     return BF16 * (2 * h + (q + k) + (q + 2 * k) + q)
 
 
-def moe_bytes_per_token(arch: Qwen3MoeArch, etp: int, fused: bool = True) -> int:
+def moe_bytes_per_token(arch: ModelArch, etp: int, fused: bool = True) -> int:
     """Kept by one MoE block per ``T'`` token, routing balanced over the experts."""
     h, f, topk, experts = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts_per_tok, arch.num_experts
     norm_and_router = BF16 * 2 * h + 2 * FP32 * experts
@@ -369,17 +389,17 @@ def moe_bytes_per_token(arch: Qwen3MoeArch, etp: int, fused: bool = True) -> int
     return norm_and_router + expert_input + expert_hidden
 
 
-def dense_mlp_bytes_per_token(arch: Qwen3MoeArch, fused: bool = True) -> int:
+def dense_mlp_bytes_per_token(arch: ModelArch, fused: bool = True) -> int:
     """Kept by one dense SwiGLU MLP block per ``T'`` token (unfused, also the silu output)."""
     return BF16 * (2 * arch.hidden_size + (3 if fused else 4) * arch.intermediate_size)
 
 
-def dispatcher_bytes_per_token(arch: Qwen3MoeArch, etp: int) -> int:
+def dispatcher_bytes_per_token(arch: ModelArch, etp: int) -> int:
     """All-to-all buffers of the MoE layer being computed, per ``T'`` token (transient, one layer at a time)."""
     return BF16 * arch.hidden_size * arch.num_experts_per_tok * (2 + etp)
 
 
-def core_attention_bytes(arch: Qwen3MoeArch, settings: PlanSettings) -> int:
+def core_attention_bytes(arch: ModelArch, settings: PlanSettings) -> int:
     """Unfused attention's softmax (fp32) and probabilities (bf16) of one layer and micro-batch; 0 with flash."""
     if settings.flash_attention:
         return 0
@@ -399,7 +419,7 @@ class ActivationBytes:
         return self.kept + max(self.backward_work, self.output)
 
 
-def activation_bytes(arch: Qwen3MoeArch, params: StageParams, settings: PlanSettings) -> ActivationBytes:
+def activation_bytes(arch: ModelArch, params: StageParams, settings: PlanSettings) -> ActivationBytes:
     layout = settings.layout
     tokens = settings.max_tokens_per_micro_batch
     seq_tokens = tokens / (layout.tp * layout.cp)  # T': tokens of a sequence-parallel region on one rank
@@ -431,7 +451,7 @@ def activation_bytes(arch: Qwen3MoeArch, params: StageParams, settings: PlanSett
     )
 
 
-def output_layer_bytes(arch: Qwen3MoeArch, settings: PlanSettings) -> float:
+def output_layer_bytes(arch: ModelArch, settings: PlanSettings) -> float:
     """Final norm and output layer inputs, the vocab-parallel logits and the log-prob work space of one micro-batch."""
     layout = settings.layout
     tokens = settings.max_tokens_per_micro_batch / layout.cp
@@ -487,7 +507,7 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    arch: Qwen3MoeArch
+    arch: ModelArch
     settings: PlanSettings
     gpu_bytes: int
     headroom_bytes: int
@@ -519,33 +539,46 @@ class MemoryPlan:
 
 
 PARAMS, GRADS, OPTIMIZER, REFERENCE = "params", "grads (fp32)", "optimizer", "reference policy (KL)"
+CRITIC = "critic "  # the prefix of the critic's model-state rows
 KEPT, ENGINE = "activations kept for backward", "rollout engine"
 LAYER_WORK, OUTPUT_WORK = "peak work: layer backward", "peak work: logits + log-probs"
 
 
-def stage_plan(arch: Qwen3MoeArch, settings: PlanSettings, stage: int, gpu_bytes: int) -> StagePlan:
-    params = stage_params(arch, settings.layout, stage)
+def model_state_rows(params: StageParams, settings: PlanSettings, prefix: str = "") -> tuple[list[Row], OptimizerBytes]:
+    """Params, grads and optimizer of one trained model (the actor's, or with ``prefix`` the critic's)."""
     dense_group, expert_group = shard_groups(settings)
     dense_numel = buffer_numel(params.dense_tensors, dense_group)
     expert_numel = buffer_numel(params.expert_tensors, expert_group)
     param_bytes = PARAM_BYTES[settings.dtype] * (dense_numel + expert_numel)
     grad_bytes = FP32 * (dense_numel + expert_numel)
     optimizer = optimizer_bytes(params, settings)
-    activations = activation_bytes(arch, params, settings)
-    engine = round(settings.rollout_mem_fraction * gpu_bytes)
-    # On top of the kept tensors, the larger of a layer's backward and the output layer's logits and log-probs.
-    work_name = OUTPUT_WORK if activations.output > activations.backward_work else LAYER_WORK
     # Offloaded params go to one pinned host copy per DDP buffer (dense, expert), each rounded to a power of two;
     # the grad buffer is freed (re-zeroed on reload); the optimizer's own device tensors go to host segments.
     param_host = sum(pow2(PARAM_BYTES[settings.dtype] * n) for n in (dense_numel, expert_numel) if n)
     optimizer_host = segmented_host_bytes(optimizer.gpu) if optimizer.gpu else 0
     rows = [
-        Row(f"{PARAMS} ({settings.dtype})", param_bytes, 0 if settings.param_offload else param_bytes,
+        Row(f"{prefix}{PARAMS} ({settings.dtype})", param_bytes, 0 if settings.param_offload else param_bytes,
             pinned=param_host if settings.param_offload else 0),
-        Row(GRADS, grad_bytes, 0 if settings.grad_offload else grad_bytes),
-        Row(OPTIMIZER, optimizer.gpu, 0 if settings.optimizer_offload else optimizer.gpu, host=optimizer.host,
-            pinned=optimizer.pinned + (optimizer_host if settings.optimizer_offload else 0)),
+        Row(f"{prefix}{GRADS}", grad_bytes, 0 if settings.grad_offload else grad_bytes),
+        Row(f"{prefix}{OPTIMIZER}", optimizer.gpu, 0 if settings.optimizer_offload else optimizer.gpu,
+            host=optimizer.host, pinned=optimizer.pinned + (optimizer_host if settings.optimizer_offload else 0)),
     ]  # fmt: skip
+    return rows, optimizer
+
+
+def stage_plan(arch: ModelArch, settings: PlanSettings, stage: int, gpu_bytes: int) -> StagePlan:
+    params = stage_params(arch, settings.layout, stage)
+    rows, optimizer = model_state_rows(params, settings)
+    startup = optimizer.startup
+    if settings.critic:
+        critic_rows, critic_optimizer = model_state_rows(critic_stage_params(arch, settings.layout, stage), settings,
+                                                         CRITIC)  # fmt: skip
+        rows += critic_rows
+        startup = max(startup, critic_optimizer.startup)  # built one after the other, each freed after its build
+    activations = activation_bytes(arch, params, settings)
+    engine = round(settings.rollout_mem_fraction * gpu_bytes)
+    # On top of the kept tensors, the larger of a layer's backward and the output layer's logits and log-probs.
+    work_name = OUTPUT_WORK if activations.output > activations.backward_work else LAYER_WORK
     if settings.use_kl_loss:
         rows.append(Row(REFERENCE, BF16 * params.total, BF16 * params.total))
     rows += [
@@ -553,11 +586,11 @@ def stage_plan(arch: Qwen3MoeArch, settings: PlanSettings, stage: int, gpu_bytes
         Row(work_name, activations.peak - activations.kept, 0),
         Row(ENGINE, 0 if settings.rollout_memory_saver else engine, engine),
     ]
-    return StagePlan(params, tuple(rows), optimizer.startup)
+    return StagePlan(params, tuple(rows), startup)
 
 
 def plan_from_settings(
-    arch: Qwen3MoeArch,
+    arch: ModelArch,
     settings: PlanSettings,
     *,
     gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
@@ -574,7 +607,7 @@ def plan_from_settings(
 
 def plan_memory(
     config: "Config",
-    arch: Qwen3MoeArch,
+    arch: ModelArch,
     world_size: int,
     *,
     gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
@@ -611,8 +644,9 @@ def format_plan(plan: MemoryPlan) -> str:
     cpu_adam = (f"{s.optimizer_offload_fraction:.0%} of the optimizer on CPU (hybrid optimizer)"
                 if s.optimizer_cpu_offload and s.optimizer_offload_fraction > 0 else "optimizer on GPU")  # fmt: skip
     lines = [
-        f"memory plan: Qwen3-MoE {_count(total)} params ({arch.num_layers} layers, {arch.num_experts} experts "
-        f"top-{arch.num_experts_per_tok}), {world} GPUs ({nodes}) of {plan.gpu_bytes / GIB:.1f} GiB",
+        f"memory plan: {arch.hf_architecture} {_count(total)} params ({arch.num_layers} layers, "
+        + (f"{arch.num_experts} experts top-{arch.num_experts_per_tok}" if arch.is_moe else "dense")
+        + f"), {world} GPUs ({nodes}) of {plan.gpu_bytes / GIB:.1f} GiB",
         f"layout: TP={layout.tp} PP={layout.pp} CP={layout.cp} EP={layout.ep} ETP={layout.etp} -> "
         f"DP={layout.data_parallel_size(world)}, expert-DP={world // (layout.ep * layout.etp * layout.pp)}, "
         f"sequence parallel {'on' if layout.sequence_parallel else 'off'}",
@@ -716,7 +750,7 @@ def resolve_hf_config_dir(config_path: str, overrides: list[str], hf_config: str
 
 def load_plan_config(
     config_path: str, overrides: list[str], *, world_size: int, hf_config: str | None = None
-) -> tuple["Config", Qwen3MoeArch]:
+) -> tuple["Config", ModelArch]:
     """Load and validate the config with :func:`megatron_sapo.config.load_config`, for planning on any machine.
 
     The plan needs neither the weights nor the prompts, so the checks that they exist are skipped and the model's
@@ -731,7 +765,7 @@ def load_plan_config(
         )
     hf_dir = resolve_hf_config_dir(config_path, overrides, hf_config)
     config = load_config(config_path, overrides, world_size=world_size, check_paths=False, hf_config_dir=hf_dir)
-    return config, Qwen3MoeArch.from_hf_dir(hf_dir)
+    return config, load_arch(hf_dir)
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

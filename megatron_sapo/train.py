@@ -1,4 +1,8 @@
-"""Entry point: ``torchrun --nproc_per_node=N -m megatron_sapo.train --config FILE.yaml [key=value ...]``.
+"""Entry point: ``torchrun --nproc_per_node=N -m megatron_sapo.train [--config FILE.yaml] [key=value ...]``.
+
+A verl command line runs with its program swapped: ``python3 -m verl.trainer.main_ppo --config-name=ppo_megatron_trainer
+actor_rollout_ref.actor.tau_neg=1.05 ...`` → ``torchrun ... -m megatron_sapo.train --config-name=ppo_megatron_trainer
+actor_rollout_ref.actor.tau_neg=1.05 ...`` (the ``actor_rollout_ref.`` prefix is dropped; see config.py).
 
 The whole configuration, the tokenizer and the prompt data are read and checked before any process group or model
 is built; bad input ends with one ``error: <key>: <what and how to fix>`` line and exit status 2. A run that fails
@@ -18,12 +22,21 @@ from megatron_sapo.errors import InputError, RunError
 from megatron_sapo.lifetime import reap_when_gone
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="megatron_sapo.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--config", required=True, help="YAML config, e.g. recipes/tiny_moe/config.yaml")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", help="YAML config, e.g. recipes/tiny_moe/config.yaml (default: the built-in "
+                        "defaults, megatron_sapo/config.py)")  # fmt: skip
+    source.add_argument("--config-name", choices=VERL_CONFIG_NAMES,
+                        help="verl's config names, accepted so that a verl command line runs as written: both mean "
+                        "the built-in defaults (this trainer is Megatron's)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. actor.tau_neg=1.05")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("megatron_sapo").setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -55,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 RANK0_HEAD_START_S = 10.0
+VERL_CONFIG_NAMES = ("ppo_trainer", "ppo_megatron_trainer")
 
 
 def _report(error: InputError | RunError, rank: int) -> int:

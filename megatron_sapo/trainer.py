@@ -3,7 +3,9 @@
 Each step: prompts → rollout (``rollout.n`` samples each) → rewards (+ DAPO overlong shaping, dynamic sampling) →
 old log-probs from the current Megatron policy (and reference log-probs when the KL term is on) → advantages →
 one optimizer step per mini-batch (micro-batches through Megatron's pipeline schedule, loss on vocab-parallel
-logits) → a checkpoint every ``trainer.save_freq`` steps → weight sync to the rollout engine → metrics.
+logits) → a checkpoint every ``trainer.save_freq`` steps → weight sync to the rollout engine → metrics. With
+``algorithm.adv_estimator=gae`` a Megatron critic (``critic.py``) gives the values after the old log-probs, GAE
+the advantages and returns, and the critic updates before the policy (which waits ``trainer.critic_warmup`` steps).
 
 Generation, reward scoring and logging happen on global rank 0; the sampled batch is broadcast, and everything
 Megatron does is collective. With ``actor.megatron.*_offload`` the trainer's GPU state moves to host memory while
@@ -32,6 +34,8 @@ from tqdm import tqdm
 from megatron_sapo.actor import MegatronActor
 from megatron_sapo.batch import Samples, response_aligned
 from megatron_sapo.checkpoint import (
+    CRITIC_DIR,
+    METADATA_FILE,
     TRAINER_STATE_FILE,
     checkpoint_bytes,
     checkpoint_problem,
@@ -42,13 +46,21 @@ from megatron_sapo.checkpoint import (
     save_sharded,
     step_dir,
 )
-from megatron_sapo.config import Config, save_resolved_config
+from megatron_sapo.config import Config, resolve_total_steps, save_resolved_config
+from megatron_sapo.critic import MegatronCritic
 from megatron_sapo.data import PromptStream
 from megatron_sapo.data.prompts import RunData, load_run_data
 from megatron_sapo.errors import InputError, RunError
-from megatron_sapo.loss import apply_overlong_penalty, compute_advantages, masked_mean, rollout_correction
+from megatron_sapo.loss import (
+    apply_overlong_penalty,
+    compute_advantages,
+    explained_variance,
+    gae_advantages,
+    masked_mean,
+    rollout_correction,
+)
 from megatron_sapo.metrics import MetricsLogger
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import load_arch
 from megatron_sapo.models.routing_replay import decode_routed_experts, routing_dtype
 from megatron_sapo.parallel.state import initialize_model_parallel, is_rank0
 from megatron_sapo.rewards import RewardManager, RewardSample
@@ -62,25 +74,29 @@ def train(config: Config, data: RunData | None = None) -> str:
     """Run training; returns the output folder. Collective over torchrun's processes.
 
     ``data``: the tokenizer and prompt sets when the caller has loaded (and so checked) them already."""
-    arch = Qwen3MoeArch.from_hf_dir(config.model.path)
+    arch = load_arch(config.model.path)
     if config.actor.router_replay.mode == "R3":  # R3 replays the engine's routing: it must send it
         config.rollout.enable_return_routed_experts = True
     initialize_model_parallel(config.actor.megatron.layout, seed=config.actor.megatron.seed, arch=arch)
     out = config.trainer.output_dir
     checkpoints = os.path.join(out, "checkpoints")
+    tokenizer, train_prompts, val_prompts = data or load_run_data(config)
+    config.trainer.total_steps = resolve_total_steps(config.trainer, config.data, len(train_prompts))
     if is_rank0():
         save_resolved_config(config, out)
-
-    tokenizer, train_prompts, val_prompts = data or load_run_data(config)
     stream = PromptStream(train_prompts, shuffle=config.data.shuffle, seed=config.data.seed)
     resume_from = _resume_checkpoint(config, checkpoints)  # before the heavy work: a bad one is one line
     actor = MegatronActor(config, arch)
+    critic = MegatronCritic(config, arch) if config.use_critic else None  # algorithm.adv_estimator=gae
+    trained = [actor] + ([critic] if critic is not None else [])
 
     start_step = 0
     overlap = config.trainer.rollout_mode == "one_step_off"
     in_flight = None  # one_step_off: the next step's batch, once it is generated (on every rank)
     if resume_from:
         actor.load_checkpoint(resume_from)
+        if critic is not None:
+            critic.load_checkpoint(os.path.join(resume_from, CRITIC_DIR))
         with open(os.path.join(resume_from, TRAINER_STATE_FILE)) as f:
             state = json.load(f)
         start_step = state["step"]
@@ -88,10 +104,11 @@ def train(config: Config, data: RunData | None = None) -> str:
         if state.get(IN_FLIGHT_KEY):  # saved by one_step_off (its prompts are drawn): trained on in either mode
             in_flight = _decode_batch(state[IN_FLIGHT_KEY])
     else:
-        actor.load_initial_weights()
+        for model in trained:
+            model.load_initial_weights()
 
     # The rollout engine starts on a GPU the trainer has cleared (colocated runs offload it).
-    actor.offload()
+    _offload(trained)
     node_servers = _launch_this_nodes_sglang(config, out)
     engine = rewards = metrics_log = None
     if is_rank0():
@@ -102,7 +119,7 @@ def train(config: Config, data: RunData | None = None) -> str:
                                     wandb_project=config.trainer.wandb_project)  # fmt: skip
     if resume_from:  # the engine loaded model.path; it needs the resumed policy
         actor.reload()
-        _sync_weights(actor, engine, config, version=start_step)
+        _sync_weights(actor, engine, config, version=_policy_version(config, start_step))
         actor.offload()
     ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if overlap and is_rank0() else None
     pending = None  # one_step_off, rank 0: the Future of the next step's batch
@@ -129,10 +146,10 @@ def train(config: Config, data: RunData | None = None) -> str:
                     batch, in_flight = in_flight, None
                     metrics.update(batch.pop("metrics"))
             _engine_memory(engine, config, release=True)
-            actor.reload()
+            _reload(trained)
             stream.load_state_dict(batch["data_state"])  # every rank follows rank 0's draws
             samples = batch["samples"]
-            metrics.update(_staleness(batch["weight_versions"], trainer_version=step - 1))
+            metrics.update(_staleness(batch["weight_versions"], trainer_version=_policy_version(config, step - 1)))
             if ahead is not None and step < config.trainer.total_steps:  # step + 1's batch, on the current weights
                 pending = ahead.submit(_generate_ahead, config, stream, engine, rewards, tokenizer, step + 1)
 
@@ -148,25 +165,48 @@ def train(config: Config, data: RunData | None = None) -> str:
                     samples.replay_routing = samples.trainer_routing
                 if config.actor.use_kl_loss:
                     samples.ref_log_probs = actor.compute_log_probs(samples, reference=True)
+            if critic is not None:  # the critic's values of the states before each response token
+                with _timer(timings, "values"):
+                    samples.values = critic.compute_values(samples).cpu()
             mask = samples.response_mask()
             metrics.update(_rollout_correction(config, samples, mask))
             if "router_agreement" in samples.extra:
                 metrics["rollout/router_agreement"] = samples.extra["router_agreement"]
 
-            # 3. Advantages from the (shaped) rewards, per group of rollout.n samples.
-            samples.advantages = compute_advantages(
-                config.algorithm.adv_estimator,
-                rewards=torch.tensor(batch["scores"]),
-                response_mask=mask,
-                group_index=torch.tensor(batch["group_index"]),
-                gamma=config.algorithm.gamma,
-                lam=config.algorithm.lam,
-                norm_by_std=config.algorithm.norm_adv_by_std_in_grpo,
-            )
+            # 3. Advantages from the (shaped) rewards: per group of rollout.n samples, or GAE's from the values
+            # (with the returns, the critic's targets).
+            scores = torch.tensor(batch["scores"])
+            if critic is not None:
+                samples.advantages, samples.returns = gae_advantages(
+                    scores, samples.values, mask.bool(), gamma=config.algorithm.gamma, lam=config.algorithm.lam
+                )
+            else:
+                samples.advantages = compute_advantages(
+                    config.algorithm.adv_estimator,
+                    rewards=scores,
+                    response_mask=mask,
+                    group_index=torch.tensor(batch["group_index"]),
+                    gamma=config.algorithm.gamma,
+                    lam=config.algorithm.lam,
+                    norm_by_std=config.algorithm.norm_adv_by_std_in_grpo,
+                )
 
-            # 4. The policy update: one optimizer step per mini-batch of ppo_mini_batch_size prompts.
-            with _timer(timings, "update"):
-                update_metrics = actor.update(samples, _mini_batches(batch["group_index"], config))
+            # 4. The critic's update (every step), then the policy's (from step trainer.critic_warmup on): one
+            # optimizer step per mini-batch of ppo_mini_batch_size prompts each.
+            if critic is not None:
+                with _timer(timings, "update_critic"):
+                    critic_metrics = critic.update(
+                        samples, _mini_batches(batch["group_index"], config.critic.ppo_mini_batch_size)
+                    )
+                metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
+                metrics["critic/explained_variance"] = explained_variance(samples.values, samples.returns, mask)
+            update_metrics = {}
+            actor_updates = _actor_updates(config, step)
+            if actor_updates:
+                with _timer(timings, "update"):
+                    update_metrics = actor.update(
+                        samples, _mini_batches(batch["group_index"], config.actor.ppo_mini_batch_size)
+                    )
 
             # 4b. one_step_off: the next step's batch finishes on the weights it started with (the sync waits for it:
             # a batch never mixes weight versions) and goes to every rank, and into a checkpoint taken now.
@@ -178,7 +218,7 @@ def train(config: Config, data: RunData | None = None) -> str:
             # 5. A checkpoint, while the trainer's state is on the GPU (before it is offloaded for the next rollout).
             if _due(config.trainer.save_freq, step, config.trainer.total_steps):
                 _save(
-                    actor,
+                    trained,
                     stream,
                     step,
                     checkpoints,
@@ -186,11 +226,13 @@ def train(config: Config, data: RunData | None = None) -> str:
                     extra_state={IN_FLIGHT_KEY: _encode_batch(in_flight)} if in_flight is not None else None,
                 )
 
-            # 6. The rollout engine gets the new weights (version = step); then it has the GPU again.
+            # 6. The rollout engine gets the new weights (version = step); then it has the GPU again. During the
+            # critic's warm-up the policy has not changed and the engine keeps the weights it has.
             with _timer(timings, "weight_sync"):
                 _engine_memory(engine, config, tags=["weights"])
-                _everyone_or_fail(functools.partial(_sync_weights, actor, engine, config, version=step), engine)
-                actor.offload()
+                if actor_updates:
+                    _everyone_or_fail(functools.partial(_sync_weights, actor, engine, config, version=step), engine)
+                _offload(trained)
                 _engine_memory(engine, config, tags=["kv_cache", "cuda_graph"])
 
             # 7. Metrics, and validation on data.val_files with the new weights.
@@ -347,7 +389,7 @@ def _decode_engine_routing(config: Config, outputs: list) -> list[torch.Tensor] 
     encoded = [sample.meta_info.get("routed_experts") for sample in outputs]
     if not config.rollout.enable_return_routed_experts or any(e is None for e in encoded):
         return None
-    hf = Qwen3MoeArch.from_hf_dir(config.model.path)
+    hf = load_arch(config.model.path)
     dtype = routing_dtype(hf.num_experts)
     return [decode_routed_experts(e, hf.num_layers, hf.num_experts_per_tok).to(dtype) for e in encoded]
 
@@ -419,9 +461,8 @@ def _round_seed(seed: int, step: int, round_index: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + round_index) % (2**31)
 
 
-def _mini_batches(group_index: list[int], config: Config) -> list[list[int]]:
-    """Sample indices per mini-batch: ppo_mini_batch_size whole groups each, in order."""
-    per = config.actor.ppo_mini_batch_size
+def _mini_batches(group_index: list[int], per: int) -> list[list[int]]:
+    """Sample indices per mini-batch: ``per`` (a ppo_mini_batch_size) whole groups each, in order."""
     groups = sorted(set(group_index))
     return [
         [i for i, g in enumerate(group_index) if g in set(groups[start : start + per])]
@@ -547,12 +588,37 @@ class _Failure:
         self.message = " ".join(message.split())  # one line
 
 
-def _save(actor: MegatronActor, stream: PromptStream, step: int, checkpoints: str, config: Config,
+def _actor_updates(config: Config, step: int) -> bool:
+    """verl's critic warm-up (``critic_warmup <= global_steps``, steps counted from 1): the policy trains from step
+    ``trainer.critic_warmup`` on; without a critic, always."""
+    return not config.use_critic or step >= config.trainer.critic_warmup
+
+
+def _policy_version(config: Config, step: int) -> int:
+    """The step whose update produced the policy after ``step`` (0: the initial one); the weight version the
+    engine holds. Warm-up steps leave the policy as it was."""
+    return step if _actor_updates(config, step) else 0
+
+
+def _offload(trained: list) -> None:
+    for model in trained:
+        model.offload()
+
+
+def _reload(trained: list) -> None:
+    for model in trained:
+        model.reload()
+
+
+def _save(trained: list, stream: PromptStream, step: int, checkpoints: str, config: Config,
           extra_state: dict | None = None) -> None:  # fmt: skip
+    """The actor's state (with the RNG states and the trainer's) and, with GAE, the critic's in ``critic/``."""
+    actor, *critic = trained
     ckpt = step_dir(checkpoints, step)
     state = {"step": step, "data": stream.state_dict(), **(extra_state or {})}
     previous = latest_step(checkpoints)  # the same structure: its size is what this one needs
     save_sharded(actor.sharded_state_dict(), ckpt, extra_files={TRAINER_STATE_FILE: json.dumps(state)},
+                 parts={CRITIC_DIR: critic[0].sharded_state_dict()} if critic else None,
                  timeout_s=config.trainer.save_timeout_s,
                  expected_bytes=checkpoint_bytes(step_dir(checkpoints, previous)) if previous else None)  # fmt: skip
     if is_rank0():
@@ -564,22 +630,24 @@ def _resume_checkpoint(config: Config, checkpoints: str) -> str | None:
     """Collective: the checkpoint to resume from, chosen on rank 0 after verifying it against its manifest.
 
     ``trainer.resume=auto`` passes over a damaged newest checkpoint to the newest complete one, with one warning
-    line; a named checkpoint that fails the check is one error line."""
+    line; a named checkpoint that fails the check is one error line. With GAE the checkpoint must hold the critic
+    (one from a run without it does not count)."""
     resume = config.trainer.resume
     if resume == "disable":
         return None
+    required = (TRAINER_STATE_FILE,) + ((f"{CRITIC_DIR}/{METADATA_FILE}",) if config.use_critic else ())
     choice: tuple[str | None, str | None] = (None, None)  # (checkpoint, error)
     if is_rank0():
         remove_partial_saves(checkpoints)
         if resume == "auto":
-            path, skipped = resume_candidates(checkpoints)
+            path, skipped = resume_candidates(checkpoints, required)
             if path and skipped:
                 logger.warning("trainer.resume=auto: passed over %s; resuming from %s", "; ".join(skipped), path)
             choice = (path, None) if path or not skipped else (
                 None, f"trainer.resume=auto: no complete checkpoint in {checkpoints} ({'; '.join(skipped)}); set "
                       "trainer.resume=disable to start over or name a checkpoint")  # fmt: skip
         else:
-            problem = checkpoint_problem(resume, required=(TRAINER_STATE_FILE,))
+            problem = checkpoint_problem(resume, required=required)
             choice = (None, f"trainer.resume={resume}: the checkpoint {problem}; name a complete one (or use auto)") \
                 if problem else (resume, None)  # fmt: skip
     path, error = _broadcast(choice)

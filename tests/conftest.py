@@ -8,8 +8,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory):
-    """A tiny random Qwen3-MoE HF checkpoint with its sentencepiece tokenizer, made once per session."""
-    from megatron_sapo.models.tiny import make_tiny_qwen3_moe
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family)``: a tiny random HF checkpoint of that family (models/tiny.py's defaults) with its
+    sentencepiece tokenizer, made once per session."""
+    from megatron_sapo.models.tiny import make_tiny_model
 
-    return make_tiny_qwen3_moe(str(tmp_path_factory.mktemp("tiny_qwen3_moe")))
+    made = {}
+
+    def make(family: str) -> str:
+        if family not in made:
+            made[family] = make_tiny_model(str(tmp_path_factory.mktemp(f"tiny_{family}")), family)
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tiny_model):
+    """The tiny random Qwen3-MoE every MoE test uses."""
+    return tiny_model("qwen3_moe")

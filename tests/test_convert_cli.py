@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,7 +46,7 @@ CASES = {
     "unknown_architecture": (
         lambda d: edit_config(d, architectures=["LlamaForCausalLM"], model_type="llama"),
         [],
-        "is not supported; megatron_sapo converts Qwen3MoeForCausalLM",
+        "model_type='llama' (architectures=['LlamaForCausalLM']) is not supported; megatron_sapo supports qwen2",
     ),
     "missing_tensor": (
         lambda d: edit_weights(d, lambda w: w.pop("model.layers.2.mlp.experts.3.up_proj.weight")),
@@ -104,12 +105,29 @@ def test_killed_conversion_leaves_no_partial_checkpoint(tiny_hf_dir, tmp_path):
     while not (tmp_path / "mcore.tmp").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "conversion finished before it could be killed mid-save"
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # megatron's writer-results Manager among them
+    assert any("spawn_main" in " ".join(helper.cmdline()) for helper in helpers)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    # none outlives the conversion (megatron_sapo.lifetime's watcher ends them within its 1 s period)
+    deadline = time.monotonic() + 10
+    while [helper for helper in helpers if _running(helper)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [helper.pid for helper in helpers if _running(helper)]
 
 
-def test_round_trip_cli_is_bit_exact(tiny_hf_dir, tmp_path):
+def _running(process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; only its reaping is left
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2"])
+def test_round_trip_cli_is_bit_exact(tiny_model, family, tmp_path):
+    """--verify against transformers and back, for the MoE and for a dense family with tied embeddings."""
+    tiny_hf_dir = tiny_model(family)
     mcore, hf_out = tmp_path / "mcore", tmp_path / "hf_out"
     first = run(HF_TO_MCORE, "--hf-dir", tiny_hf_dir, "--out", str(mcore), "--verify")
     assert first.returncode == 0, first.stderr[-3000:]

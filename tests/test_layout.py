@@ -3,13 +3,13 @@
 import pytest
 
 from megatron_sapo.errors import InputError
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import load_arch
 from megatron_sapo.parallel.layout import ParallelLayout, validate_layout
 
 
 @pytest.fixture
 def arch(tiny_hf_dir):
-    return Qwen3MoeArch.from_hf_dir(tiny_hf_dir)  # 4 heads, 2 query groups, 4 layers, 4 experts, vocab 250
+    return load_arch(tiny_hf_dir)  # 4 heads, 2 query groups, 4 layers, 4 experts, vocab 250
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from megatron_sapo import plan
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import load_arch
 from megatron_sapo.parallel.layout import ParallelLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,13 +111,13 @@ def test_param_bytes_match_hand_computation(recipe, tp, ep):
 
 
 def test_model_parameter_count_is_the_published_one():
-    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    arch = load_arch(HF_CONFIG)
     # transformers counts 30,532,122,624 for this config (tests/test_param_count.py builds it on the meta device).
     assert plan.model_parameter_count(arch) == 30_532_122_624
 
 
 def test_optimizer_bytes_shard_over_dp_and_expert_dp():
-    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    arch = load_arch(HF_CONFIG)
     layout = ParallelLayout(2, 1, 1, 4, 1)  # 8 GPUs: DP 4 for dense params, expert-DP 2 for experts
     settings = plan.PlanSettings(layout=layout, world_size=8)
     stage = plan.stage_params(arch, layout, 0)
@@ -195,7 +195,7 @@ def test_engine_counts_in_training_without_memory_saver(recipe):
 
 
 def test_full_recompute_keeps_only_layer_inputs():
-    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    arch = load_arch(HF_CONFIG)
     settings = plan.PlanSettings(layout=ParallelLayout(2, 1, 1, 8, 1), world_size=8, max_tokens_per_micro_batch=16384,
                                  max_sequence_length=10240, recompute_granularity="full")  # fmt: skip
     stage = plan.stage_params(arch, settings.layout, 0)
@@ -209,7 +209,7 @@ def test_full_recompute_keeps_only_layer_inputs():
 
 
 def test_pipeline_plans_first_and_last_stage():
-    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    arch = load_arch(HF_CONFIG)
     settings = plan.PlanSettings(layout=ParallelLayout(1, 4, 1, 8, 1), world_size=32, recompute_granularity="full")
     memory = plan.plan_from_settings(arch, settings)
     first, last = memory.stages
@@ -258,7 +258,7 @@ def test_plan_matches_the_actors_allocations_in_two_layouts(tiny_hf_dir, tmp_pat
 
 
 def test_unfused_swiglu_keeps_its_silu_output_and_logits_get_a_second_copy():
-    arch = Qwen3MoeArch.from_hf_dir(HF_CONFIG)
+    arch = load_arch(HF_CONFIG)
     f, k = arch.moe_intermediate_size, arch.num_experts_per_tok
     # Fused (TE): fc1 output 2f and the weighted SwiGLU output f per routed copy; unfused: + silu and SwiGLU output.
     assert plan.moe_bytes_per_token(arch, 1, fused=False) - plan.moe_bytes_per_token(arch, 1) == 2 * 2 * f * k
@@ -274,3 +274,77 @@ def test_unfused_swiglu_keeps_its_silu_output_and_logits_get_a_second_copy():
     assert plan.output_layer_bytes(arch, settings) == inputs + 2 * logits
     unchunked = dataclasses.replace(settings, log_prob_chunk_size=None)
     assert plan.output_layer_bytes(arch, unchunked) == inputs + logits + 2 * 4 * 4096 * arch.padded_vocab_size // 2
+
+
+def test_critic_adds_a_second_model_state_without_the_lm_head(recipe):
+    """algorithm.adv_estimator=gae: the critic's params, grads and optimizer on top, offloaded like the actor's; its
+    last stage has the value head (h params) instead of the output layer (V·h/t)."""
+    config, arch = recipe
+    settings = plan.PlanSettings.from_config(config, 8)
+    assert not settings.critic
+    with_critic = dataclasses.replace(settings, critic=True)
+    base, both = plan.plan_from_settings(arch, settings), plan.plan_from_settings(arch, with_critic)
+    layout = settings.layout
+    for stage, stage_with in zip(base.stages, both.stages):
+        actor = plan.stage_params(arch, layout, stage.params.stage)
+        critic = plan.critic_stage_params(arch, layout, stage.params.stage)
+        last = stage.params.stage == layout.pp - 1
+        assert critic.total == actor.total - (arch.padded_vocab_size * arch.hidden_size // layout.tp - arch.hidden_size
+                                              if last else 0)  # fmt: skip
+        rows = [row for row in stage_with.rows if row.name.startswith(plan.CRITIC)]
+        assert [row.name for row in rows] == [plan.CRITIC + row.name for row in stage.rows[:3]]
+        # bf16 params 2 + fp32 grads 4 bytes per parameter (DDP's 64-element alignment adds < 0.1%), and the
+        # optimizer as the actor's (the recipe's hybrid CPU optimizer: on the host).
+        assert rows[0].training + rows[1].training == pytest.approx(6 * critic.total, rel=1e-3)
+        optimizer = plan.optimizer_bytes(critic, settings)
+        assert (rows[2].training, rows[2].host) == (optimizer.gpu, optimizer.host) and optimizer.host > 0
+        assert stage_with.training - stage.training == sum(row.training for row in rows)
+        # The recipe offloads everything while rolling out: the critic takes no GPU memory then.
+        assert sum(row.rollout for row in rows) == 0
+
+
+# --- the Qwen2.5-7B-Instruct recipe (the seed's example 2) ------------------------------------------------------------
+
+RECIPE_7B = os.path.join(ROOT, "recipes", "qwen2_5_7b")
+
+
+def test_qwen2_5_7b_recipe_validates_and_fits_8x_h100_80gb(capsys):
+    config, arch = plan.load_plan_config(os.path.join(RECIPE_7B, "config.yaml"), [], world_size=8)
+    assert (arch.family, arch.qkv_bias, arch.qk_norm, arch.tie_word_embeddings, arch.is_moe) == (
+        "qwen2", True, False, False, False)  # fmt: skip
+    # The seed's example 2: SAPO with tau 1.0 / 1.05, 256 prompts per step, 8 GPUs per node.
+    actor = config.actor
+    assert (actor.policy_loss.loss_mode, actor.tau_pos, actor.tau_neg) == ("sapo", 1.0, 1.05)
+    assert (config.algorithm.adv_estimator, config.data.train_batch_size, config.trainer.n_gpus_per_node) == (
+        "grpo", 256, 8)  # fmt: skip
+    memory = plan.plan_memory(config, arch, 8, gpu_memory_gib=80)
+    assert memory.fits_training and memory.fits_rollout
+    assert 55 * GIB < memory.training.training + memory.headroom_bytes <= 60 * GIB  # 58.3 GiB with 5 GiB headroom
+    assert plan.main(["--config", os.path.join(RECIPE_7B, "config.yaml"), "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen2ForCausalLM 7.616B params (28 layers, dense)" in out
+    assert "TP=2 PP=1 CP=1 EP=1 ETP=1 -> DP=4" in out and "=> FITS" in out
+
+
+def test_qwen2_5_7b_parameter_count_is_transformers_and_the_published_one():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = os.path.join(RECIPE_7B, "hf_config")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_config))
+    count = plan.model_parameter_count(load_arch(hf_config))
+    assert count == sum(p.numel() for p in model.parameters()) == 7_615_616_512  # q/k/v biases, untied lm_head
+    # The model card: "Number of Parameters: 7.61B", "Number of Parameters (Non-Embedding): 6.53B".
+    assert round(count / 1e9, 2) == 7.62 and int(count / 1e7) / 100 == 7.61
+    embeddings = 2 * 152064 * 3584
+    assert round((count - embeddings) / 1e9, 2) == 6.53
+
+
+def test_tied_embeddings_hold_one_vocab_matrix_with_one_stage_and_a_copy_with_two(tiny_model):
+    arch = load_arch(tiny_model("qwen2"))  # tied, q/k/v biases, no qk-norm
+    one = plan.stage_params(arch, ParallelLayout(), 0)
+    first, last = (plan.stage_params(arch, ParallelLayout(pipeline_model_parallel_size=2), stage) for stage in (0, 1))
+    vocab = arch.padded_vocab_size * arch.hidden_size
+    assert one.dense == first.dense + last.dense - vocab  # the last stage's copy is the only difference
+    assert plan.model_parameter_count(arch) == one.dense - (arch.padded_vocab_size - arch.vocab_size) * arch.hidden_size

@@ -20,21 +20,25 @@ PROMPTS = [[1, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37
 BUCKET_MB = 64 / 1024  # 64 KiB: the tiny model's 0.8 MB go in ~15 buckets
 
 
-@pytest.fixture(scope="module")
-def perturbed_dir(tiny_hf_dir, tmp_path_factory):
-    """The tiny checkpoint with every weight moved by N(0, 0.05²): saved by transformers (hub names)."""
+def perturbed_copy(hf_dir: str, out: str) -> str:
+    """``hf_dir`` with every weight moved by N(0, 0.05²): saved by transformers (hub names; a tied model's
+    embedding moves its output layer too, and no lm_head.weight is written)."""
     from transformers import AutoModelForCausalLM
 
-    out = str(tmp_path_factory.mktemp("tiny_perturbed"))
-    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(2024)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     model.save_pretrained(out)
     for name in ("tokenizer.model", "generation_config.json"):
-        shutil.copy(os.path.join(tiny_hf_dir, name), os.path.join(out, name))
+        shutil.copy(os.path.join(hf_dir, name), os.path.join(out, name))
     return out
+
+
+@pytest.fixture(scope="module")
+def perturbed_dir(tiny_hf_dir, tmp_path_factory):
+    return perturbed_copy(tiny_hf_dir, str(tmp_path_factory.mktemp("tiny_perturbed")))
 
 
 def start(model_path: str, **fields) -> RolloutEngine:
@@ -270,3 +274,26 @@ def test_a_refused_broadcast_bucket_fails_clearly_and_the_next_update_works(serv
         stats = trainer_side.update_weights(iter_safetensors(tiny_hf_dir))
         assert stats.tensors == 87
     assert_same_generations(generations(server), baseline)
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_megatron_export_of_a_tied_dense_model_updates_the_server(family, tiny_model, tmp_path):
+    """The trainer's path for a dense model with tied embeddings under PP=2 (the last stage holds a copy of the
+    embedding): the export sends the embedding once and no lm_head.weight (SGLang 0.5.23's Qwen2/Qwen3
+    ``load_weights`` fill a tied lm_head from model.embed_tokens.weight), and the server then generates what it
+    generates from the new checkpoint's own tensors (as a fresh server does: the tests above)."""
+    original = tiny_model(family)
+    perturbed = perturbed_copy(original, str(tmp_path / "perturbed"))
+    result = torchrun("megatron_weight_sync.py", "--start-from", original, "--hf-dir", perturbed, "--pp", "2",
+                      timeout=300)  # fmt: skip
+    assert result["mode"] == "distributed"
+    stored = [name for name, _ in iter_safetensors(perturbed)]
+    assert sorted(result["names"]) == sorted(stored) and "lm_head.weight" not in stored
+    assert result["tensors"] == len(stored) == 50
+    before, after, from_disk = result["before"], result["generations"], result["from_disk"]
+    assert [ids for ids, _, _ in before] != [ids for ids, _, _ in from_disk]  # the perturbation shows
+    assert [ids for ids, _, _ in after] == [ids for ids, _, _ in from_disk]
+    worst = max(abs(a - b) for (_, x, _), (_, y, _) in zip(after, from_disk, strict=True)
+                for a, b in zip(x, y, strict=True))  # fmt: skip
+    assert worst <= 1e-5, worst
+    assert {v for _, _, v in after} == {"megatron-1"}

@@ -275,6 +275,42 @@ def test_other_layouts_agree_with_expert_parallel_reference(layout, reference_ru
     _assert_same_steps(rows, _metrics(reference_run), steps=(0, 1), tol=1e-4)
 
 
+CRITIC_METRICS = ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/explained_variance",
+                  "critic/grad_norm", "critic/lr", "timing/values", "timing/update_critic")  # fmt: skip
+
+
+def test_gae_with_critic_warmup(inputs, tmp_path):
+    """algorithm.adv_estimator=gae with trainer.critic_warmup=3: steps 1-2 train the critic alone, the actor from
+    step 3 (verl's ``critic_warmup <= global_steps``). The engine gets no new weights during the warm-up, so the
+    trainer's old log-probs still equal the engine's only if the warm-up left the actor's weights untouched. A
+    checkpoint every step: those of the warm-up hold an actor optimizer that has not stepped (resuming from one is
+    tests/test_resume.py's gae case)."""
+    out = str(tmp_path / "run")
+    _train(_overrides(
+        inputs, out, "actor.megatron.expert_model_parallel_size=2", "algorithm.adv_estimator=gae",
+        "algorithm.gamma=0.99", "algorithm.lam=0.95", "trainer.critic_warmup=3", "trainer.total_steps=3",
+        "trainer.save_freq=1", "trainer.test_freq=0", "trainer.val_before_train=false", "critic.optim.lr=1e-3",
+        "critic.policy_loss.loss_mode=sapo",
+    ))  # fmt: skip
+    rows = _metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        missing = [key for key in CRITIC_METRICS if key not in row]
+        assert not missing, f"step {row['step']} lacks {missing}"
+        assert row["critic/grad_norm"] > 0 and row["critic/lr"] == pytest.approx(1e-3)
+        assert row["rollout/logprob_diff"] < 1e-5
+        assert ("actor/grad_norm" in row) == (row["step"] >= 3)
+    # The critic learns its batch's returns: its loss falls over the warm-up.
+    assert rows[1]["critic/vf_loss"] < rows[0]["critic/vf_loss"]
+    # The checkpoint holds the critic beside the actor, in the manifest.
+    ckpt = os.path.join(out, "checkpoints", "iter_0000003")
+    files = json.load(open(os.path.join(ckpt, "manifest.json")))["files"]
+    assert "critic/metadata.json" in files and "metadata.json" in files
+    # The policy trained at step 3: the exported model is no longer the initial one.
+    exported, initial = _hf_tensors(os.path.join(out, "hf")), _hf_tensors(inputs.hf_dir)
+    assert any(not torch.equal(exported[name], initial[name]) for name in initial)
+
+
 def test_r3_replays_the_engine_routing(reference_run, inputs, tmp_path):
     """The recipe's R3: the trainer's old-log-prob pass replays the embedded server's routing token for token
     (agreement 1.0), so its log-probs equal the engine's (a misaligned routing, off by a position, a layer or a
@@ -319,7 +355,15 @@ def test_offload_frees_and_restores_buffers(inputs):
     [
         ("actor.tau_neg=0", "actor.tau_neg=0.0: must be > 0"),
         ("actor.policy_loss.loss_mode=sapox", "actor.policy_loss.loss_mode='sapox': use one of"),
-        ("algorithm.adv_estimator=gae", "algorithm.adv_estimator=gae needs a critic"),
+        ("algorithm.adv_estimator=gae critic.cliprange_value=0", "critic.cliprange_value=0.0: must be > 0"),
+        ("algorithm.adv_estimator=gae critic.policy_loss.loss_mode=vanilla",
+         "critic.policy_loss.loss_mode=vanilla: the critic has no policy loss"),
+        ("algorithm.adv_estimator=gae critic.ppo_mini_batch_size=3",
+         "data.train_batch_size=4 is not a multiple of critic.ppo_mini_batch_size=3"),
+        ("algorithm.adv_estimator=gae critic.loss_agg_mode=token-sum", "critic.loss_agg_mode='token-sum': use one"),
+        ("algorithm.adv_estimator=gae critic.model.path=/no/such", "critic.model.path=/no/such: no config.json"),
+        ("trainer.critic_warmup=-1", "trainer.critic_warmup=-1: must be >= 0"),
+        ("algorithm.adv_estimator=gae algorithm.lam=1.5", "algorithm.lam=1.5: must be in [0, 1]"),
         ("actor.ppo_mini_batch_size=5", "data.train_batch_size=4 is not a multiple of actor.ppo_mini_batch_size=5"),
         ("actor.megatron.expert_model_parallel_size=3", "actor.megatron."),
         ("actor.tau_poss=1.0", "actor.tau_poss: unknown key"),
@@ -338,7 +382,7 @@ def test_bad_config_is_one_clear_error(override, expected, inputs, tmp_path):
     from megatron_sapo.errors import InputError
 
     with pytest.raises(InputError) as error:
-        load_config(RECIPE, [*_overrides(inputs, str(tmp_path / "run")), override], world_size=2)
+        load_config(RECIPE, [*_overrides(inputs, str(tmp_path / "run")), *override.split()], world_size=2)
     message = str(error.value)
     assert expected in message and "\n" not in message
 

@@ -1,4 +1,4 @@
-"""Convert a Megatron distributed checkpoint of Qwen3-MoE back to a Hugging Face checkpoint.
+"""Convert a Megatron distributed checkpoint (Qwen2/2.5, Qwen3, Qwen3-MoE) back to a Hugging Face checkpoint.
 
     python tools/convert_mcore_to_hf.py --mcore-dir MCORE --hf-template HF --out HF_OUT
     torchrun --nproc_per_node=2 tools/convert_mcore_to_hf.py ... --ep 2      # spread a large model over ranks
@@ -20,7 +20,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from megatron_sapo.convert.cli import host_only_quiet, parse_size  # noqa: E402
+from megatron_sapo.convert.cli import exit_without_teardown, host_only_quiet, parse_size  # noqa: E402
 from megatron_sapo.errors import InputError  # noqa: E402
 
 host_only_quiet()
@@ -54,11 +54,11 @@ def main(argv=None) -> int:
     from megatron_sapo.convert.hf_io import DTYPES, config_dtype, write_hf_checkpoint
     from megatron_sapo.convert.mapping import hf_shapes
     from megatron_sapo.convert.megatron_io import export_hf_weights, load_checkpoint_in_place
-    from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_model
+    from megatron_sapo.models import ModelOptions, build_model, load_arch
     from megatron_sapo.parallel.layout import ParallelLayout, validate_layout
     from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
 
-    arch = Qwen3MoeArch.from_hf_dir(args.hf_template)
+    arch = load_arch(args.hf_template)
     layout = ParallelLayout(args.tp, args.pp, 1, args.ep, args.etp)
     validate_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), arch, training=False)
     problem = checkpoint_problem(args.mcore_dir)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        exit_without_teardown(main())
     except InputError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)

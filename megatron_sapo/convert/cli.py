@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 
 # megatron-core announces, once per importing module, that it falls back from Transformer Engine / Apex: a dozen
@@ -43,6 +44,58 @@ def host_only_quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # megatron-core's advice on training settings (sequence parallelism with expert TP = 1, CUDA connections)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core\.")
+
+
+def start_writer_results_service() -> threading.Thread:
+    """Start, in the background, the helper process megatron's checkpoint writer reports through; join the thread
+    before saving.
+
+    megatron-core 0.16.1's ``FileSystemWriterAsync`` (dist_checkpointing/strategies/filesystem_async.py,
+    ``_get_write_results_queue``) collects its writer processes' results in a queue served by a spawn-context
+    ``multiprocessing`` Manager, started on the first save and kept for the next ones. That process unpickles the
+    results, ``torch.distributed.checkpoint`` objects, so the first save waits at its end while it imports them:
+    2.7 s measured on an idle machine, over 5 s on a loaded one. Here it is started as soon as megatron is imported
+    and sent one such object, so that it imports them while this process sets up its process groups and builds the
+    model. Should anything fail here, the save starts the Manager itself, as it otherwise would.
+    """
+    # imported here, on the calling thread: megatron's package imports are not safe to run on two threads at once
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    def warm_up():
+        try:
+            results = filesystem_async._get_write_results_queue()  # noqa: SLF001 (see the docstring)
+            results.put(MetadataIndex("warm-up"))
+            results.get()  # the queue is empty again before the save's writers put their results
+        except Exception:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=warm_up, name="checkpoint-writer-results-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def end_child_processes() -> None:
+    """End this process's ``multiprocessing`` children once the checkpoint is written: megatron's results Manager
+    (above) lives until the interpreter exits, and multiprocessing's exit handler then waits up to 1 s for it to
+    tear torch down (Lib/multiprocessing/managers.py, ``_finalize_manager``). It holds no data by then."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join()
+
+
+def exit_without_teardown(status: int) -> None:
+    """Exit once the output is complete (written, fsynced, renamed into place; process groups destroyed) without
+    the interpreter's teardown: with torch, torch.compile's modules and megatron loaded, collecting and clearing
+    them takes 1-2 s (measured: 2 s after the same imports alone, 0.1 s with this) and frees nothing the finished
+    run still needs."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def parse_size(text: str) -> int:

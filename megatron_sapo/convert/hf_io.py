@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from megatron_sapo.checkpoint import replace_dir
 from megatron_sapo.convert.mapping import hf_shapes
 from megatron_sapo.errors import InputError
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models.arch import ModelArch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -52,10 +52,14 @@ def config_dtype(hf_dir: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _safe_open(path: str):
-    """safetensors' ``pread`` backend reads each tensor into memory of its own, which the converter hands on as is;
-    tensors of the (default) ``mmap`` backend keep the whole file's mapping alive, and every page read through it
-    then counts in the process's RSS. safetensors before 0.8 has only ``mmap``."""
+def _safe_open(path: str, mapped: bool):
+    """``mapped``: safetensors' (default) ``mmap`` backend, whose tensors are views of the page cache: nothing is
+    copied until something reads them, and what is read stays file-backed memory (clean pages the kernel can drop),
+    but each tensor keeps the whole file's mapping alive and every page read through it counts in the process's RSS.
+    Otherwise the ``pread`` backend, which reads each tensor into memory of its own (for a reader that copies the
+    tensors into parameters anyway). safetensors before 0.8 has only ``mmap``."""
+    if mapped:
+        return safe_open(path, framework="pt")
     try:
         return safe_open(path, framework="pt", backend="pread")
     except TypeError:
@@ -63,10 +67,15 @@ def _safe_open(path: str):
 
 
 class HFCheckpointReader:
-    """Lazy access to the tensors of an HF checkpoint folder, by name."""
+    """Lazy access to the tensors of an HF checkpoint folder, by name.
 
-    def __init__(self, hf_dir: str):
+    ``mapped=True`` hands out tensors mapped from the files instead of read into memory (see ``_safe_open``): for
+    the converter, whose checkpoint writer reads each tensor once, straight from the page cache, as ``cp`` would.
+    """
+
+    def __init__(self, hf_dir: str, *, mapped: bool = False):
         self.hf_dir = hf_dir
+        self.mapped = mapped
         self._handles: dict[str, object] = {}
         index_path = os.path.join(hf_dir, INDEX_FILE)
         if os.path.exists(index_path):
@@ -91,7 +100,7 @@ class HFCheckpointReader:
         if file not in self._handles:
             path = os.path.join(self.hf_dir, file)
             try:
-                self._handles[file] = _safe_open(path)
+                self._handles[file] = _safe_open(path, self.mapped)
             except (OSError, SafetensorError) as e:
                 raise InputError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it") from None
         return self._handles[file]
@@ -108,7 +117,7 @@ class HFCheckpointReader:
         except SafetensorError as e:
             raise InputError(f"{self.hf_dir}: tensor {name} unreadable ({e}); re-download or re-export it") from None
 
-    def validate(self, arch: Qwen3MoeArch) -> None:
+    def validate(self, arch: ModelArch) -> None:
         """Every expected tensor present with its shape, nothing extra; one line naming the first problem."""
         expected = hf_shapes(arch)
         names = self.names()
@@ -124,7 +133,7 @@ class HFCheckpointReader:
             raise InputError(
                 f"{self.hf_dir}: unexpected tensor {extra[0]}"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                + "; the checkpoint does not match its config.json (or is not Qwen3-MoE)"
+                + "; the checkpoint does not match its config.json"
             )
         for name, shape in expected.items():
             actual = self.shape(name)

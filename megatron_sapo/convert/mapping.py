@@ -1,9 +1,18 @@
-"""The HF ⇄ Megatron weight mapping for Qwen3-MoE: one declarative row per parameter family.
+"""The HF ⇄ Megatron weight mapping of every supported family: one declarative row per parameter family.
 
 The same table drives HF→Megatron import, Megatron→HF export and the weight sync to the rollout engine. A row
 names the Megatron parameter (with the alternative names it has in Transformer Engine / grouped-GEMM specs), the
 HF tensors it is made of, how they combine (``kind``) and the dimension TP shards (``tp_dim``; for expert weights
-the expert-tensor-parallel group shards it and the expert-parallel group splits the experts).
+the expert-tensor-parallel group shards it and the expert-parallel group splits the experts). Rows that only some
+architectures have say which :class:`ModelArch` feature they need (``needs``): q/k/v biases (Qwen2), qk-norm
+(Qwen3, Qwen3-MoE), an untied ``lm_head``. A new family adds its provider module and, for tensors no row covers
+yet, its rows here, gated by a new feature field.
+
+Tied embeddings: the HF checkpoint has no ``lm_head.weight`` and the export writes none (SGLang 0.5.23's Qwen2/Qwen3
+``load_weights`` fill their ``lm_head`` from ``model.embed_tokens.weight`` when ``tie_word_embeddings``, and
+transformers ties it on load). With PP > 1 megatron keeps a copy of the embedding as ``output_layer.weight`` on the
+last stage: it is imported from ``model.embed_tokens.weight`` too, and never exported (the first stage's embedding
+is the tensor).
 
 The functions below are pure: they turn full HF tensors into one rank's Megatron shard and full Megatron tensors
 back into HF tensors; the distributed gathering lives in ``megatron_sapo.convert.megatron_io``.
@@ -17,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models.arch import ModelArch
 
 LAYER = "model.layers.{layer}."
 
@@ -29,16 +38,27 @@ class WeightRule:
     kind: str = "copy"  # copy | vocab (pad/trim rows) | qkv (interleave per query group) | gate_up (SwiGLU fc1)
     tp_dim: int | None = None  # None: replicated across TP
     scope: str = "model"  # model (once) | layer (every layer) | moe (MoE layers, per expert) | dense (MLP layers)
+    needs: str | None = None  # a bool ModelArch field the row exists for ("qkv_bias"), or "not <field>"
+    exported: bool = True  # False: the parameter is a copy of another row's HF tensor (import only)
+
+    def applies(self, arch: ModelArch) -> bool:
+        if self.needs is None:
+            return True
+        field = self.needs.removeprefix("not ")
+        return bool(getattr(arch, field)) != self.needs.startswith("not ")
 
     @property
     def is_expert(self) -> bool:
         return self.scope == "moe" and "{expert}" in self.megatron[0]
 
 
-QWEN3_MOE_RULES: tuple[WeightRule, ...] = (
+WEIGHT_RULES: tuple[WeightRule, ...] = (
     WeightRule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "vocab", tp_dim=0),
     WeightRule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
-    WeightRule(("output_layer.weight",), ("lm_head.weight",), "vocab", tp_dim=0),
+    WeightRule(("output_layer.weight",), ("lm_head.weight",), "vocab", tp_dim=0, needs="not tie_word_embeddings"),
+    # The last pipeline stage's copy of a tied embedding (megatron builds none with PP=1).
+    WeightRule(("output_layer.weight",), ("model.embed_tokens.weight",), "vocab", tp_dim=0,
+               needs="tie_word_embeddings", exported=False),  # fmt: skip
     WeightRule(
         (
             "decoder.layers.{layer}.input_layernorm.weight",
@@ -55,14 +75,24 @@ QWEN3_MOE_RULES: tuple[WeightRule, ...] = (
         scope="layer",
     ),
     WeightRule(
+        ("decoder.layers.{layer}.self_attention.linear_qkv.bias",),
+        (LAYER + "self_attn.q_proj.bias", LAYER + "self_attn.k_proj.bias", LAYER + "self_attn.v_proj.bias"),
+        "qkv",
+        tp_dim=0,
+        scope="layer",
+        needs="qkv_bias",
+    ),
+    WeightRule(
         ("decoder.layers.{layer}.self_attention.q_layernorm.weight",),
         (LAYER + "self_attn.q_norm.weight",),
         scope="layer",
+        needs="qk_norm",
     ),
     WeightRule(
         ("decoder.layers.{layer}.self_attention.k_layernorm.weight",),
         (LAYER + "self_attn.k_norm.weight",),
         scope="layer",
+        needs="qk_norm",
     ),
     WeightRule(
         ("decoder.layers.{layer}.self_attention.linear_proj.weight",),
@@ -95,7 +125,7 @@ QWEN3_MOE_RULES: tuple[WeightRule, ...] = (
         tp_dim=1,
         scope="moe",
     ),
-    # Dense MLP layers (HF mlp_only_layers / decoder_sparse_step); Qwen3-30B-A3B has none.
+    # Dense MLP layers: every layer of a dense model; Qwen3-MoE's mlp_only_layers / decoder_sparse_step (30B-A3B: none).
     WeightRule(
         ("decoder.layers.{layer}.mlp.linear_fc1.weight",),
         (LAYER + "mlp.gate_proj.weight", LAYER + "mlp.up_proj.weight"),
@@ -114,7 +144,7 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(pattern + "$")
 
 
-_MEGATRON_PATTERNS = [(rule, _template_regex(name)) for rule in QWEN3_MOE_RULES for name in rule.megatron]
+_MEGATRON_PATTERNS = [(rule, _template_regex(name)) for rule in WEIGHT_RULES for name in rule.megatron]
 
 
 @dataclass(frozen=True)
@@ -124,9 +154,12 @@ class MatchedParam:
     expert: int | None  # as numbered in the name (local to an expert-parallel rank)
 
 
-def match_megatron_name(name: str) -> MatchedParam | None:
-    """The rule (and the layer/expert numbers) behind a Megatron parameter name; None for non-weights."""
+def match_megatron_name(name: str, arch: ModelArch | None = None) -> MatchedParam | None:
+    """The rule (and the layer/expert numbers) behind a Megatron parameter name; None for non-weights. Without
+    ``arch`` the first row of the name (``output_layer.weight``: the untied one) answers."""
     for rule, regex in _MEGATRON_PATTERNS:
+        if arch is not None and not rule.applies(arch):
+            continue
         m = regex.match(name)
         if m:
             groups = m.groupdict()
@@ -139,9 +172,10 @@ def hf_names(rule: WeightRule, layer: int | None = None, expert: int | None = No
     return [name.format(layer=layer, expert=expert) for name in rule.hf]
 
 
-def iter_hf_params(arch: Qwen3MoeArch) -> Iterator[tuple[WeightRule, int | None, int | None]]:
-    """Every (rule, global layer, global expert) of a model, in HF checkpoint order."""
-    by_scope = {scope: [r for r in QWEN3_MOE_RULES if r.scope == scope] for scope in ("model", "layer", "moe", "dense")}
+def iter_hf_params(arch: ModelArch) -> Iterator[tuple[WeightRule, int | None, int | None]]:
+    """Every (rule, global layer, global expert) of a model's HF checkpoint, in HF checkpoint order."""
+    rules = [r for r in WEIGHT_RULES if r.exported and r.applies(arch)]
+    by_scope = {scope: [r for r in rules if r.scope == scope] for scope in ("model", "layer", "moe", "dense")}
     yield by_scope["model"][0], None, None  # embeddings first
     for layer, is_moe in enumerate(arch.moe_layer_pattern):
         for rule in by_scope["layer"]:
@@ -155,8 +189,8 @@ def iter_hf_params(arch: Qwen3MoeArch) -> Iterator[tuple[WeightRule, int | None,
     yield from ((rule, None, None) for rule in by_scope["model"][1:])
 
 
-def hf_shapes(arch: Qwen3MoeArch) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor a Qwen3-MoE HF checkpoint must contain."""
+def hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor an HF checkpoint of ``arch`` must contain."""
     h, d = arch.hidden_size, arch.head_dim
     shapes = {}
     per_rule = {
@@ -167,6 +201,9 @@ def hf_shapes(arch: Qwen3MoeArch) -> dict[str, tuple[int, ...]]:
         "self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
         "self_attn.k_proj.weight": (arch.num_key_value_heads * d, h),
         "self_attn.v_proj.weight": (arch.num_key_value_heads * d, h),
+        "self_attn.q_proj.bias": (arch.num_attention_heads * d,),
+        "self_attn.k_proj.bias": (arch.num_key_value_heads * d,),
+        "self_attn.v_proj.bias": (arch.num_key_value_heads * d,),
         "self_attn.q_norm.weight": (d,),
         "self_attn.k_norm.weight": (d,),
         "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
@@ -191,7 +228,7 @@ def hf_shapes(arch: Qwen3MoeArch) -> dict[str, tuple[int, ...]]:
 # --- HF tensors ⇄ one full Megatron tensor -------------------------------------------------------------------
 
 
-def merge_hf(rule: WeightRule, tensors: list[torch.Tensor], arch: Qwen3MoeArch) -> torch.Tensor:
+def merge_hf(rule: WeightRule, tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
     """Combine a rule's HF tensors into the full (unsharded) Megatron tensor."""
     if rule.kind == "copy":
         return tensors[0]
@@ -203,17 +240,17 @@ def merge_hf(rule: WeightRule, tensors: list[torch.Tensor], arch: Qwen3MoeArch) 
         return torch.cat(tensors)
     if rule.kind == "qkv":
         # Megatron lays QKV out per query group: [q heads of group g, k_g, v_g] for g in groups, so that a
-        # contiguous TP split hands each rank whole groups.
+        # contiguous TP split hands each rank whole groups. Biases (1-D) interleave the same way.
         q, k, v = tensors
-        groups, d = arch.num_key_value_heads, arch.head_dim
-        q = q.reshape(groups, -1, d, q.shape[-1])
-        k = k.reshape(groups, 1, d, k.shape[-1])
-        v = v.reshape(groups, 1, d, v.shape[-1])
-        return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+        groups, d, rest = arch.num_key_value_heads, arch.head_dim, q.shape[1:]
+        q = q.reshape(groups, -1, d, *rest)
+        k = k.reshape(groups, 1, d, *rest)
+        v = v.reshape(groups, 1, d, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
     raise ValueError(f"unknown mapping kind {rule.kind!r}")
 
 
-def split_megatron(rule: WeightRule, tensor: torch.Tensor, arch: Qwen3MoeArch) -> list[torch.Tensor]:
+def split_megatron(rule: WeightRule, tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
     """The inverse of :func:`merge_hf`: the rule's HF tensors from the full Megatron tensor."""
     if rule.kind == "copy":
         return [tensor]
@@ -223,10 +260,10 @@ def split_megatron(rule: WeightRule, tensor: torch.Tensor, arch: Qwen3MoeArch) -
         return list(tensor.chunk(2))
     if rule.kind == "qkv":
         groups, d = arch.num_key_value_heads, arch.head_dim
-        per_group = arch.num_attention_heads // groups
-        grouped = tensor.reshape(groups, per_group + 2, d, tensor.shape[-1])
+        per_group, rest = arch.num_attention_heads // groups, tensor.shape[1:]
+        grouped = tensor.reshape(groups, per_group + 2, d, *rest)
         q, k, v = grouped.split([per_group, 1, 1], dim=1)
-        return [t.reshape(-1, tensor.shape[-1]) for t in (q, k, v)]
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
     raise ValueError(f"unknown mapping kind {rule.kind!r}")
 
 
@@ -252,3 +289,24 @@ def unshard(rule: WeightRule, shards: list[torch.Tensor]) -> torch.Tensor:
         gates, ups = zip(*(s.chunk(2) for s in shards))
         return torch.cat([*gates, *ups])
     return torch.cat(shards, dim=rule.tp_dim)
+
+
+def count_parameters(chunks: list, arch: ModelArch) -> tuple[int, int]:
+    """(total, active per token) parameters of this rank's chunks; active counts top-k of the routed experts.
+
+    Vocab padding rows are not counted, nor the last stage's copy of a tied embedding, so that a single-rank count
+    is the HF model's.
+    """
+    total = expert = padding = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            rule = match_megatron_name(name, arch).rule
+            if not rule.exported:
+                continue
+            total += param.numel()
+            if rule.is_expert:
+                expert += param.numel()
+            elif rule.kind == "vocab":
+                padding += (arch.padded_vocab_size - arch.vocab_size) * param.shape[-1]
+    active = total - expert + (expert * arch.num_experts_per_tok // arch.num_experts if arch.num_experts else 0)
+    return total - padding, active - padding

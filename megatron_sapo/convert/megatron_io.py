@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from megatron_sapo.convert.hf_io import HFCheckpointReader
 from megatron_sapo.convert.mapping import (
-    QWEN3_MOE_RULES,
+    WEIGHT_RULES,
     WeightRule,
     hf_names,
     hf_shapes,
@@ -31,7 +31,7 @@ from megatron_sapo.convert.mapping import (
     split_megatron,
     unshard,
 )
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models.arch import ModelArch
 
 ParamKey = tuple[int, int | None, int | None]  # (rule index, global layer, global expert)
 
@@ -53,7 +53,7 @@ class LocalWeight:
     tp_group: object
 
 
-def local_weights(chunks: list[torch.nn.Module], arch: Qwen3MoeArch) -> list[LocalWeight]:
+def local_weights(chunks: list[torch.nn.Module], arch: ModelArch) -> list[LocalWeight]:
     """This rank's parameters, each tied to its mapping rule and its global layer/expert numbers."""
     from megatron.core import parallel_state as ps
 
@@ -64,7 +64,7 @@ def local_weights(chunks: list[torch.nn.Module], arch: Qwen3MoeArch) -> list[Loc
         model = unwrap_model(chunk)
         global_layer = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
         for name, param in model.named_parameters():
-            matched = match_megatron_name(name)
+            matched = match_megatron_name(name, arch)
             if matched is None:
                 raise RuntimeError(f"no weight-mapping rule for Megatron parameter {name}")
             layer = global_layer[matched.layer] if matched.layer is not None else None
@@ -75,7 +75,7 @@ def local_weights(chunks: list[torch.nn.Module], arch: Qwen3MoeArch) -> list[Loc
             else:
                 tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
                 group = ps.get_tensor_model_parallel_group()
-            key = (QWEN3_MOE_RULES.index(matched.rule), layer, expert)
+            key = (WEIGHT_RULES.index(matched.rule), layer, expert)
             weights.append(LocalWeight(key, matched.rule, param, tp[0], tp[1], group))
     return weights
 
@@ -88,7 +88,7 @@ def _hf_parts(weights: list[LocalWeight], reader: HFCheckpointReader, progress: 
         yield weight, [reader.get(name) for name in hf_names(weight.rule, layer, expert)]
 
 
-def _local_shard(weight: LocalWeight, parts: list[torch.Tensor], arch: Qwen3MoeArch) -> torch.Tensor:
+def _local_shard(weight: LocalWeight, parts: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
     """This rank's shard of ``weight`` from its HF tensors."""
     local = shard(weight.rule, merge_hf(weight.rule, parts, arch), weight.tp_rank, weight.tp_size)
     if local.shape != weight.param.shape:
@@ -100,7 +100,7 @@ def _local_shard(weight: LocalWeight, parts: list[torch.Tensor], arch: Qwen3MoeA
 
 @torch.no_grad()
 def load_hf_weights(
-    chunks: list[torch.nn.Module], reader: HFCheckpointReader, arch: Qwen3MoeArch, progress: bool = True
+    chunks: list[torch.nn.Module], reader: HFCheckpointReader, arch: ModelArch, progress: bool = True
 ) -> None:
     """Copy an HF checkpoint into this rank's shards. The reader must have been validated against ``arch``."""
     for weight, parts in _hf_parts(local_weights(chunks, arch), reader, progress):
@@ -109,7 +109,7 @@ def load_hf_weights(
 
 @torch.no_grad()
 def hf_sharded_state_dict(
-    chunks: list[torch.nn.Module], reader: HFCheckpointReader, arch: Qwen3MoeArch, progress: bool = True
+    chunks: list[torch.nn.Module], reader: HFCheckpointReader, arch: ModelArch, progress: bool = True
 ) -> dict:
     """This rank's Megatron sharded state dict (``{"model": ...}``) with its tensors read from an HF checkpoint,
     for a model built without storage (``torch.device("meta")``): conversion never fills a model.
@@ -132,9 +132,10 @@ def hf_sharded_state_dict(
             base = value.data if value.data._base is None else value.data._base
             of_param.setdefault(id(base), []).append(value)
     for weight, parts in _hf_parts(local_weights(chunks, arch), reader, progress):
-        # Without TP a copy or SwiGLU-fc1 parameter is its HF tensors stacked by rows, and megatron cuts fc1 into
-        # exactly [gate; up]: a view that is one whole HF tensor is that tensor, as read, with no merge and no copy.
-        stacked = weight.tp_size == 1 and weight.rule.kind in ("copy", "gate_up")
+        # Without TP a copy, vocab (rows, then padding) or SwiGLU-fc1 parameter is its HF tensors stacked by rows,
+        # and megatron cuts fc1 into exactly [gate; up]: a view that is one whole HF tensor is that tensor, as read
+        # (mapped from the file), with no merge and no copy. A vocabulary that needs no padding is one such view.
+        stacked = weight.tp_size == 1 and weight.rule.kind in ("copy", "vocab", "gate_up")
         starts = list(itertools.accumulate((part.numel() for part in parts), initial=0))
         local = None
         for value in of_param.pop(id(weight.param)):
@@ -190,14 +191,14 @@ def load_checkpoint_in_place(chunks: list[torch.nn.Module], ckpt_dir: str, *, fi
                 target.copy_(value)
 
 
-def full_megatron_shape(rule: WeightRule, layer: int | None, expert: int | None, arch: Qwen3MoeArch) -> torch.Size:
+def full_megatron_shape(rule: WeightRule, layer: int | None, expert: int | None, arch: ModelArch) -> torch.Size:
     shapes = hf_shapes(arch)
     meta = [torch.empty(shapes[n], device="meta") for n in hf_names(rule, layer, expert)]
     return merge_hf(rule, meta, arch).shape
 
 
 @torch.no_grad()
-def export_hf_weights(chunks: list[torch.nn.Module], arch: Qwen3MoeArch, *,
+def export_hf_weights(chunks: list[torch.nn.Module], arch: ModelArch, *,
                       all_ranks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """Yield every HF tensor (full, unpadded, HF order) on global rank 0. Collective: all ranks iterate it.
 
@@ -222,7 +223,7 @@ def export_hf_weights(chunks: list[torch.nn.Module], arch: Qwen3MoeArch, *,
     some_param = next(iter(weights.values())).param
 
     for rule, layer, expert in iter_hf_params(arch):
-        key = (QWEN3_MOE_RULES.index(rule), layer, expert)
+        key = (WEIGHT_RULES.index(rule), layer, expert)
         weight = weights.get(key)
         full = None
         if weight is not None and first_replica[rule.is_expert]:

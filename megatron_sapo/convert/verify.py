@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models.arch import ModelArch
 
 
 @torch.no_grad()
-def megatron_logits(chunks: list[torch.nn.Module], input_ids: torch.Tensor, arch: Qwen3MoeArch) -> torch.Tensor | None:
+def megatron_logits(chunks: list[torch.nn.Module], input_ids: torch.Tensor, arch: ModelArch) -> torch.Tensor | None:
     """Collective: logits ``[batch, seq, vocab]`` (fp32, padding columns dropped) on global rank 0, else None.
 
     Runs Megatron's pipeline schedule, so any PP layout works; the last stage gathers the vocab-parallel
@@ -70,7 +70,7 @@ def transformers_logits(hf_dir: str, input_ids: torch.Tensor, dtype: torch.dtype
     return model(input_ids=input_ids.cpu()).logits.float()
 
 
-def verification_batch(arch: Qwen3MoeArch, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+def verification_batch(arch: ModelArch, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
     """A fixed random batch of token ids (seq a multiple of 8, as sequence parallelism with TP ≤ 8 needs)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, arch.vocab_size, (batch, seq), generator=generator)

@@ -262,10 +262,12 @@ class RunData:
 
 def load_run_data(config) -> RunData:
     """The tokenizer of ``model.path`` and every prompt of ``data.train_files``/``data.val_files``, checked."""
+    from megatron_sapo.config import resolve_total_steps
     from megatron_sapo.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.path)
     train = load_prompts(config.data, tokenizer).items
+    resolve_total_steps(config.trainer, config.data, len(train))  # too few prompts for trainer.total_epochs: now
     val = load_prompts(config.data, tokenizer, "val").items if config.data.val_files else []
     return RunData(tokenizer, train, val)
 

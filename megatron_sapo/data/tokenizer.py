@@ -1,7 +1,7 @@
 """Tokenizers: HF tokenizers for real checkpoints, a tiny sentencepiece model for tests and the demo.
 
 A real checkpoint ships ``tokenizer.json``/``tokenizer_config.json`` and is loaded with ``AutoTokenizer``. The
-tiny models made by ``tools/make_tiny_qwen3_moe.py`` ship a sentencepiece ``tokenizer.model`` instead (nothing
+tiny models made by ``tools/make_tiny_model.py`` ship a sentencepiece ``tokenizer.model`` instead (nothing
 is downloaded at run time); :class:`SentencePieceTokenizer` gives it the small part of the HF tokenizer interface
 that the package uses, including a ChatML chat template like Qwen's.
 """

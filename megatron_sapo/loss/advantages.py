@@ -72,7 +72,7 @@ def compute_advantages(
         raise InputError("values: estimator 'gae' needs per-token values [batch, response_len] from the critic")
     if values.shape != mask.shape:
         raise InputError(f"values: shape {tuple(values.shape)} must equal response_mask's {tuple(mask.shape)}")
-    return gae_advantages(scores, values.to(scores.dtype), mask, gamma=gamma, lam=lam)
+    return gae_advantages(scores, values.to(scores.dtype), mask, gamma=gamma, lam=lam)[0]
 
 
 def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, *, norm_by_std: bool = True) -> torch.Tensor:
@@ -102,27 +102,32 @@ def reinforce_plus_plus_advantages(scores: torch.Tensor, response_mask: torch.Te
 
 def gae_advantages(
     scores: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, *, gamma: float, lam: float
-) -> torch.Tensor:
-    """GAE over response tokens only: a non-response token (e.g. a tool observation) passes the next response
-    token's value and advantage through unchanged, so the recursion links consecutive response tokens."""
-    maskf = response_mask.to(scores.dtype)
-    positions = torch.arange(maskf.shape[-1], device=maskf.device)
-    last = torch.where(response_mask, positions, -1).amax(dim=-1)
-    token_rewards = torch.zeros_like(maskf)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(``gamma``, ``lam``) advantages (whitened) and returns (the critic's targets), verl's way.
+
+    The score is the reward of the last response token, every other token's reward is 0; the value after the last
+    token is 0 (the episode ends). A non-response token (e.g. a tool observation) is skipped: it passes the next
+    response token's value and advantage through, so the recursion links consecutive response tokens. Returns are
+    the raw advantages plus the values; the advantages are then whitened over the batch's response tokens. Both
+    are 0 off the mask."""
+    mask = response_mask.bool()
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask, positions, -1).amax(dim=-1)
+    token_rewards = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
     has_tokens = last >= 0
     token_rewards[has_tokens, last[has_tokens]] = scores[has_tokens]
 
-    advantages = torch.zeros_like(maskf)
+    advantages = torch.zeros_like(token_rewards)
     next_value = torch.zeros_like(scores)
     next_advantage = torch.zeros_like(scores)
-    for t in reversed(range(maskf.shape[-1])):
+    for t in reversed(range(mask.shape[-1])):
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        on = response_mask[:, t]
+        on = mask[:, t]
         next_value = torch.where(on, values[:, t], next_value)
-        next_advantage = torch.where(on, advantage, next_advantage)
-        advantages[:, t] = advantage
-    return _masked_whiten(advantages, response_mask)
+        next_advantage = torch.where(on, delta + gamma * lam * next_advantage, next_advantage)
+        advantages[:, t] = next_advantage
+    returns = torch.where(mask, advantages + values, 0)
+    return _masked_whiten(advantages, mask), returns
 
 
 def apply_overlong_penalty(

@@ -1,355 +1,44 @@
-"""Qwen3-MoE as a Megatron-Core ``GPTModel``: HF config → ``TransformerConfig`` → one model per pipeline stage.
+"""Qwen3-MoE (``model_type`` "qwen3_moe", ``Qwen3MoeForCausalLM``, e.g. Qwen3-30B-A3B): its config.json → ModelArch.
 
-The HF ``config.json`` of ``Qwen3MoeForCausalLM`` is read into :class:`Qwen3MoeArch` (both the hub spelling,
-``num_experts``/``rope_theta``, and transformers 5's ``num_local_experts``/``rope_parameters``). Everything
-that decides numerics is set explicitly so that the Megatron model computes what transformers computes:
-RMSNorm with the HF eps, qk-norm, SwiGLU, no biases, untied embeddings, RoPE base, ``kv_channels=head_dim``,
-GQA, a softmax router whose top-k probabilities are renormalised when ``norm_topk_prob`` (⇔ Megatron's
-``moe_router_pre_softmax=False``: softmax over the top-k logits equals the renormalised top-k probabilities).
+Qwen3's attention (qk-norm, no biases) with a softmax router whose top-k probabilities are renormalised when
+``norm_topk_prob`` (⇔ Megatron's ``moe_router_pre_softmax=False``: softmax over the top-k logits equals the
+renormalised top-k probabilities). Layers in ``mlp_only_layers``, or off the ``decoder_sparse_step`` grid, are dense
+MLPs. Both the hub spelling (``num_experts``, ``rope_theta``) and transformers 5's (``num_local_experts``,
+``rope_parameters``) are read.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from megatron_sapo.models.arch import HFConfig, ModelArch
 
-from megatron_sapo.errors import InputError
-
+MODEL_TYPE = "qwen3_moe"
 HF_ARCHITECTURE = "Qwen3MoeForCausalLM"
-# Vocab rows are padded to a multiple of this. It does not depend on TP (Megatron-LM pads to 128·TP), so a
-# checkpoint's embedding has the same global shape under every layout; 128 is divisible by any TP ≤ 128.
-VOCAB_PADDING_MULTIPLE = 128
 
 
-@dataclass(frozen=True)
-class Qwen3MoeArch:
-    """The architecture fields of a Qwen3-MoE HF config, normalised across transformers versions."""
-
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    norm_topk_prob: bool
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    moe_layer_pattern: tuple[int, ...]  # 1 = MoE layer, 0 = dense MLP layer (HF mlp_only_layers/decoder_sparse_step)
-    router_aux_loss_coef: float = 0.0
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return -(-self.vocab_size // VOCAB_PADDING_MULTIPLE) * VOCAB_PADDING_MULTIPLE
-
-    @classmethod
-    def from_hf_dir(cls, hf_dir: str) -> "Qwen3MoeArch":
-        path = os.path.join(hf_dir, "config.json")
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except FileNotFoundError:
-            raise InputError(
-                f"--hf-dir: no config.json in {hf_dir}; point it at a Hugging Face checkpoint folder"
-            ) from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: unreadable ({e}); re-download or re-export the checkpoint") from None
-        return cls.from_hf_config(config, source=path)
-
-    @classmethod
-    def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "Qwen3MoeArch":
-        architectures = config.get("architectures") or []
-        if HF_ARCHITECTURE not in architectures and config.get("model_type") != "qwen3_moe":
-            raise InputError(
-                f"{source}: architectures={architectures} model_type={config.get('model_type')!r} is not supported; "
-                f"megatron_sapo converts {HF_ARCHITECTURE} (model_type 'qwen3_moe') checkpoints"
-            )
-
-        def get(*names, default=None):
-            for name in names:
-                if config.get(name) is not None:
-                    return config[name]
-            if default is None:
-                raise InputError(f"{source}: missing '{names[0]}'; the config is not a complete Qwen3-MoE config")
-            return default
-
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise InputError(f"{source}: rope type {rope_type!r} is not supported; only default RoPE is")
-        if config.get("attention_bias"):
-            raise InputError(f"{source}: attention_bias=true is not supported by Qwen3-MoE conversion")
-        if config.get("use_sliding_window"):
-            raise InputError(f"{source}: use_sliding_window=true is not supported; set it to false")
-        if config.get("tie_word_embeddings"):
-            raise InputError(f"{source}: tie_word_embeddings=true is not supported; Qwen3-MoE unties them")
-
-        num_layers = get("num_hidden_layers")
-        num_experts = get("num_experts", "num_local_experts")
-        mlp_only = set(config.get("mlp_only_layers") or [])
-        sparse_step = config.get("decoder_sparse_step") or 1
-        pattern = tuple(
-            int(i not in mlp_only and num_experts > 0 and (i + 1) % sparse_step == 0) for i in range(num_layers)
-        )
-        heads = get("num_attention_heads")
-        return cls(
-            vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size"),
-            num_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=get("num_key_value_heads", default=heads),
-            head_dim=get("head_dim", default=get("hidden_size") // heads),
-            intermediate_size=get("intermediate_size"),
-            moe_intermediate_size=get("moe_intermediate_size"),
-            num_experts=num_experts,
-            num_experts_per_tok=get("num_experts_per_tok"),
-            norm_topk_prob=bool(config.get("norm_topk_prob", False)),
-            rms_norm_eps=get("rms_norm_eps", default=1e-6),
-            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            max_position_embeddings=get("max_position_embeddings"),
-            moe_layer_pattern=pattern,
-            router_aux_loss_coef=float(config.get("router_aux_loss_coef") or 0.0),
-        )
-
-
-@dataclass
-class ModelOptions:
-    """Training-side model settings that are not part of the architecture."""
-
-    params_dtype: torch.dtype = torch.float32
-    sequence_parallel: bool = False
-    moe_aux_loss_coeff: float = 0.0
-    moe_token_dispatcher_type: str = "alltoall"
-    moe_grouped_gemm: bool = False  # TEGroupedMLP with Transformer Engine; SequentialMLP otherwise
-    recompute_granularity: str | None = None  # None | "selective" | "full"
-    recompute_num_layers: int | None = None
-    use_transformer_engine: bool | None = None  # None: use TE when importable on CUDA
-    # Megatron's fused kernels (SwiGLU, RoPE, MoE permutation, weight-gradient accumulation); they need CUDA and
-    # Transformer Engine (the actor turns them on when both are there), the last one also apex's extension.
-    fused_kernels: bool = False
-    # False: parameters are allocated on the host (or under a ``torch.device("meta")`` context) and never
-    # initialised, for conversion, where a checkpoint overwrites every weight anyway.
-    init_weights: bool = True
-    # Each router gets megatron-core's RouterReplay (record / replay its top-k); see models/routing_replay.py.
-    moe_enable_routing_replay: bool = False
-
-
-def transformer_engine_usable() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def gradient_accumulation_fusion_available() -> bool:
-    """megatron-core's output layer (``ColumnParallelLinear``) fuses the weight-gradient accumulation only with
-    apex's ``fused_weight_gradient_mlp_cuda`` and refuses the flag without it, even when TE is there."""
-    try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def transformer_config(arch: Qwen3MoeArch, options: ModelOptions | None = None, **parallel: int):
-    """The Megatron ``TransformerConfig`` for ``arch``; ``parallel`` holds the ``*_model_parallel_size`` values."""
-    from megatron.core.transformer import TransformerConfig
-
-    options = options or ModelOptions()
-    moe = any(arch.moe_layer_pattern)
-    bf16 = options.params_dtype == torch.bfloat16
-    fields = dict(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_key_value_heads,
-        kv_channels=arch.head_dim,
-        ffn_hidden_size=arch.intermediate_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=arch.rms_norm_eps,
-        qk_layernorm=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        # Fused kernels need CUDA/apex/TE; on CPU and in the reference comparisons we use the plain paths. The
-        # fused SwiGLU also keeps less for backward (its input, not the silu output), and the fused weight-gradient
-        # accumulation adds each micro-batch's gradient to the fp32 buffer without rounding it to bf16 first.
-        bias_activation_fusion=options.fused_kernels,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=options.fused_kernels,
-        gradient_accumulation_fusion=options.fused_kernels and gradient_accumulation_fusion_available(),
-        persist_layer_norm=False,
-        params_dtype=options.params_dtype,
-        bf16=bf16,
-        fp16=options.params_dtype == torch.float16,
-        pipeline_dtype=options.params_dtype,
-        sequence_parallel=options.sequence_parallel,
-        recompute_granularity=options.recompute_granularity,
-        recompute_method="uniform" if options.recompute_granularity == "full" else None,
-        recompute_num_layers=(options.recompute_num_layers or 1) if options.recompute_granularity == "full" else None,
-        variable_seq_lengths=True,
-        # CPU initialisation draws each full weight from one generator and then slices it, so a random init is
-        # the same model under every layout; on GPU the weights are initialised in place.
-        # (perform_initialization stays on even when a checkpoint overwrites the weights: megatron-core 0.16
-        # marks tensor-parallel weights as such only inside its initialisers, and without those marks the
-        # gradient norm counts TP shards as duplicates.)
-        use_cpu_initialization=not torch.cuda.is_available() or not options.init_weights,
-        perform_initialization=options.init_weights,
-        # megatron-core 0.16's default ("full") warns that it is deprecated on every config; [] means the same.
-        cuda_graph_scope=[],
-        **parallel,
+def arch_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArch:
+    hf = HFConfig(config, source, MODEL_TYPE)
+    # transformers puts the bias on o_proj too, which Megatron can only add with every linear's bias.
+    hf.refuse("attention_bias", bool(config.get("attention_bias")), "Qwen3-MoE checkpoints have no attention biases")
+    # Qwen3-MoE's attention slides on every layer when this is on (no max_window_layers there).
+    hf.refuse("use_sliding_window", bool(config.get("use_sliding_window")), "only full attention is; set it to false")
+    fields = hf.dense_fields()
+    num_layers, num_experts = fields["num_layers"], hf.get("num_experts", "num_local_experts")
+    mlp_only = set(config.get("mlp_only_layers") or [])
+    sparse_step = config.get("decoder_sparse_step") or 1
+    pattern = tuple(
+        int(i not in mlp_only and num_experts > 0 and (i + 1) % sparse_step == 0) for i in range(num_layers)
     )
-    if moe:
-        fields.update(
-            num_moe_experts=arch.num_experts,
-            moe_ffn_hidden_size=arch.moe_intermediate_size,
-            moe_router_topk=arch.num_experts_per_tok,
-            moe_router_score_function="softmax",
-            moe_router_pre_softmax=not arch.norm_topk_prob,
-            moe_router_dtype="fp32",
-            moe_router_load_balancing_type="aux_loss" if options.moe_aux_loss_coeff > 0 else "none",
-            moe_aux_loss_coeff=options.moe_aux_loss_coeff,
-            moe_token_dispatcher_type=options.moe_token_dispatcher_type,
-            moe_grouped_gemm=options.moe_grouped_gemm,
-            moe_permute_fusion=options.fused_kernels,
-            moe_layer_freq=list(arch.moe_layer_pattern),
-            moe_enable_routing_replay=options.moe_enable_routing_replay,
-        )
-    return TransformerConfig(**fields)
-
-
-def decoder_block_spec(config, use_transformer_engine: bool, vp_stage: int | None = None, pp_rank: int | None = None):
-    """The layer specs of this pipeline stage: TE's spec, or the local spec with :class:`RMSNorm` norms."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
-    from megatron.core.transformer.enums import LayerType
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
+    fields.update(moe_layer_pattern=pattern)
+    return ModelArch(
+        **fields,
+        hf_architecture=HF_ARCHITECTURE,
+        qkv_bias=False,
+        qk_norm=True,
+        moe_intermediate_size=hf.get("moe_intermediate_size"),
+        num_experts=num_experts,
+        num_experts_per_tok=hf.get("num_experts_per_tok"),
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(config.get("router_aux_loss_coef") or 0.0),
     )
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    from megatron_sapo.models.norm import RMSNorm
-
-    if use_transformer_engine:
-        return get_gpt_decoder_block_spec(config, True, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank)
-
-    qk_norm = ModuleSpec(module=RMSNorm, params={"for_qk": True})
-
-    def local_layer(num_experts):
-        spec = get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=True, normalization="RMSNorm")
-        attention = spec.submodules.self_attention
-        attention = dataclasses.replace(
-            attention,
-            submodules=dataclasses.replace(attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm),
-        )
-        keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
-        if num_experts:
-            # TE's MoE layers keep a separate `pre_mlp_layernorm` (there is no fused fc1 to fold it into), so
-            # the local spec must not rename it to `mlp.linear_fc1.layer_norm_weight` either: then both specs
-            # write the same checkpoint keys.
-            keys_map.pop("pre_mlp_layernorm.", None)
-        submodules = dataclasses.replace(
-            spec.submodules,
-            input_layernorm=RMSNorm,
-            pre_mlp_layernorm=RMSNorm,
-            self_attention=attention,
-            sharded_state_dict_keys_map=keys_map,
-        )
-        return dataclasses.replace(spec, submodules=submodules)
-
-    pattern = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
-    moe_layer, dense_layer = local_layer(config.num_moe_experts), local_layer(None)
-    layer_specs = [moe_layer if is_moe else dense_layer for is_moe in pattern]
-    if config.pipeline_model_parallel_layout is not None:
-        ids = config.pipeline_model_parallel_layout.get_layer_id_list(
-            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank
-        )
-        local_specs = [layer_specs[i] for i in ids]
-    else:
-        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-        local_specs = layer_specs[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)]
-    return TransformerBlockSubmodules(layer_specs=local_specs, layer_norm=RMSNorm)
-
-
-def build_gpt_model(
-    arch: Qwen3MoeArch,
-    config,
-    *,
-    pre_process: bool = True,
-    post_process: bool = True,
-    vp_stage: int | None = None,
-    use_transformer_engine: bool | None = None,
-):
-    """One pipeline stage of Qwen3-MoE as a ``GPTModel`` producing vocab-parallel logits."""
-    from megatron.core.models.gpt import GPTModel
-
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_usable()
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=decoder_block_spec(config, use_transformer_engine, vp_stage=vp_stage),
-        vocab_size=arch.padded_vocab_size,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=int(arch.rope_theta),
-        vp_stage=vp_stage,
-    )
-
-
-def build_model(arch: Qwen3MoeArch, layout, options: ModelOptions | None = None) -> list:
-    """This rank's model chunks (one per virtual stage; we use one) for ``layout``, after parallel init."""
-    from megatron.core import parallel_state as ps
-
-    options = dataclasses.replace(options or ModelOptions(), sequence_parallel=layout.sequence_parallel)
-    config = transformer_config(arch, options, **layout.megatron_kwargs())
-    model = build_gpt_model(
-        arch,
-        config,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        use_transformer_engine=options.use_transformer_engine,
-    )
-    return [model]
-
-
-def count_parameters(chunks: list, arch: Qwen3MoeArch) -> tuple[int, int]:
-    """(total, active per token) parameters of this rank's chunks; active counts top-k of the routed experts.
-
-    Vocab padding rows are not counted, so that a single-rank count is the HF model's.
-    """
-    from megatron_sapo.convert.mapping import match_megatron_name
-
-    total = expert = padding = 0
-    for chunk in chunks:
-        for name, param in chunk.named_parameters():
-            total += param.numel()
-            rule = match_megatron_name(name).rule
-            if rule.is_expert:
-                expert += param.numel()
-            elif rule.kind == "vocab":
-                padding += (arch.padded_vocab_size - arch.vocab_size) * param.shape[-1]
-    active = total - expert + expert * arch.num_experts_per_tok // arch.num_experts
-    return total - padding, active - padding

@@ -64,7 +64,7 @@ def validate_layout(
 ):
     """Raise :class:`InputError` for the first rule ``layout`` breaks.
 
-    ``arch`` (a ``Qwen3MoeArch``) adds the model-shape rules; ``prefix`` is prepended to setting names so that
+    ``arch`` (a ``ModelArch``) adds the model-shape rules; ``prefix`` is prepended to setting names so that
     messages name the key the user typed (``actor.megatron.`` in the trainer). ``training=False`` (conversion,
     inference) skips the rules that only gradients depend on.
     """

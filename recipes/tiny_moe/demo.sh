@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo behind `make demo`: SAPO on a tiny Qwen3-MoE learning single-digit addition, under
 # torchrun --nproc_per_node=2 (EP=2) with the embedded rollout server. About 5 minutes on 2 cores.
-#   1. a tiny random Qwen3-MoE + sentencepiece tokenizer      (tools/make_tiny_qwen3_moe.py)
+#   1. a tiny random Qwen3-MoE + sentencepiece tokenizer      (tools/make_tiny_model.py)
 #   2. the toy prompt set: a+b for a, b in 0..5               (python -m megatron_sapo.data.arithmetic)
 #   3. a short supervised warm start (answer format)          (recipes/tiny_moe/warm_start.py)
 #   4. HF -> Megatron checkpoint, verified against transformers (tools/convert_hf_to_mcore.py)
@@ -13,7 +13,7 @@ OUT=${OUT:-outputs/demo}
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 rm -rf "$OUT" && mkdir -p "$OUT"
-$PYTHON tools/make_tiny_qwen3_moe.py --out "$OUT/tiny" > /dev/null
+$PYTHON tools/make_tiny_model.py --family qwen3_moe --out "$OUT/tiny" > /dev/null
 $PYTHON -m megatron_sapo.data.arithmetic --out "$OUT/train.jsonl" --num 36 --max-operand 5
 $PYTHON recipes/tiny_moe/warm_start.py --hf-dir "$OUT/tiny" --train-file "$OUT/train.jsonl" --out "$OUT/warm" --steps 50
 $PYTHON tools/convert_hf_to_mcore.py --hf-dir "$OUT/warm" --out "$OUT/mcore" --verify

@@ -13,13 +13,14 @@ import argparse
 import json
 
 import torch.distributed as dist
+from common import finish
 
 from megatron_sapo import plan
 from megatron_sapo.actor import MegatronActor
 from megatron_sapo.config import load_config
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import load_arch
 from megatron_sapo.parallel.offload import ddp_buffers, optimizer_device_bytes
-from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
+from megatron_sapo.parallel.state import initialize_model_parallel
 
 
 def measure(actor: MegatronActor) -> dict[str, int]:
@@ -50,10 +51,10 @@ def main() -> None:
     parser.add_argument("--train-file", required=True)
     parser.add_argument("--layouts", required=True)
     args = parser.parse_args()
-    arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
+    arch = load_arch(args.hf_dir)
     results = {}
     for name, overrides in json.loads(args.layouts).items():
-        config = load_config(None, [f"model.path={args.hf_dir}", f"data.train_files=[{args.train_file}]",
+        config = load_config(None, [f"model.path={args.hf_dir}", f"data.train_files=[{args.train_file}]", "trainer.total_steps=1",
                                     "model.dtype=bfloat16", "rollout.n=2", "data.train_batch_size=2",
                                     "actor.ppo_mini_batch_size=2", "data.max_prompt_length=32",
                                     "data.max_response_length=8", *overrides])  # fmt: skip
@@ -73,10 +74,7 @@ def main() -> None:
         everyone = [None] * world
         dist.all_gather_object(everyone, row)
         results[name] = everyone
-    if is_rank0():
-        with open(args.out, "w") as f:
-            json.dump(results, f)
-    destroy()
+    finish(args.out, results)
 
 
 if __name__ == "__main__":

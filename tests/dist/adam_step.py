@@ -9,17 +9,17 @@ differences in gradient norm and in every updated weight.
 """
 
 import argparse
-import json
 import tempfile
 
 import torch
 import torch.nn.functional as F
+from common import finish
 
 from megatron_sapo.convert.hf_io import HFCheckpointReader
 from megatron_sapo.convert.megatron_io import export_hf_weights, load_hf_weights
-from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_model
+from megatron_sapo.models import ModelOptions, build_model, load_arch
 from megatron_sapo.parallel.layout import ParallelLayout
-from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
+from megatron_sapo.parallel.state import initialize_model_parallel, is_rank0
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-6
 
@@ -58,7 +58,7 @@ def main():
         parser.add_argument(f"--{name}", type=int, default=1)
     args = parser.parse_args()
 
-    arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
+    arch = load_arch(args.hf_dir)
     layout = ParallelLayout(args.tp, args.pp, 1, args.ep, args.etp)
     initialize_model_parallel(layout, arch=arch)
     chunks = build_model(arch, layout, ModelOptions())
@@ -103,6 +103,7 @@ def main():
     success, grad_norm, _ = optimizer.step()
 
     updated = dict(export_hf_weights(model, arch))
+    result = None
     if is_rank0():
         ref_loss, ref_grad_norm, ref_weights = reference_step(args.hf_dir, input_ids)
         moved = max((ref_weights[n] - HFCheckpointReader(args.hf_dir).get(n)).abs().max().item() for n in ref_weights)
@@ -115,9 +116,7 @@ def main():
             "max_abs_weight_change": moved,
             "names_equal": set(updated) == set(ref_weights),
         }
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-    destroy()
+    finish(args.out, result)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,15 @@
 """
 
 import argparse
-import json
 
 import torch
+from common import finish
 
 from megatron_sapo.actor import MegatronActor
 from megatron_sapo.config import load_config
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
+from megatron_sapo.models import load_arch
 from megatron_sapo.parallel.offload import ddp_buffers, device_bytes
-from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
+from megatron_sapo.parallel.state import initialize_model_parallel
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -20,12 +20,12 @@ parser.add_argument("--hf-dir", required=True)
 parser.add_argument("--train-file", required=True)
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args()
-config = load_config(None, [f"model.path={args.hf_dir}", f"data.train_files=[{args.train_file}]", "model.dtype=float32",
+config = load_config(None, [f"model.path={args.hf_dir}", f"data.train_files=[{args.train_file}]", "trainer.total_steps=1", "model.dtype=float32",
                             "actor.megatron.param_offload=true", "actor.megatron.grad_offload=true",
                             "actor.megatron.optimizer_offload=true", "rollout.n=2", "data.train_batch_size=2",
                             "actor.ppo_mini_batch_size=2", "data.max_prompt_length=32", "data.max_response_length=8",
                             *args.overrides])  # fmt: skip
-arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
+arch = load_arch(args.hf_dir)
 initialize_model_parallel(config.actor.megatron.layout, arch=arch)
 actor = MegatronActor(config, arch)
 actor.load_initial_weights()
@@ -46,7 +46,4 @@ result = {
     "host_copy_bytes": sum(c.numel() * c.element_size() for c in host_copies),
     "grads_zero_after_reload": all(bool((buffer.grad_data == 0).all()) for buffer in ddp_buffers(actor.model)),
 }
-if is_rank0():
-    with open(args.out, "w") as f:
-        json.dump(result, f)
-destroy()
+finish(args.out, result)

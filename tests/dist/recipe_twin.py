@@ -10,8 +10,10 @@ import argparse
 import json
 import os
 
+from common import finish
+
 from megatron_sapo.config import load_config
-from megatron_sapo.parallel.state import destroy, init_distributed, is_rank0
+from megatron_sapo.parallel.state import init_distributed
 from megatron_sapo.trainer import train
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "qwen3_30b_a3b", "config.yaml")
@@ -28,10 +30,7 @@ def main() -> None:
     outputs = {}
     for name, overrides in runs.items():
         outputs[name] = train(load_config(RECIPE, overrides, world_size=int(os.environ["WORLD_SIZE"])))
-    if is_rank0():
-        with open(args.out, "w") as f:
-            json.dump(outputs, f)
-    destroy()
+    finish(args.out, outputs)
 
 
 if __name__ == "__main__":  # the checkpoint writer's worker processes import this file again

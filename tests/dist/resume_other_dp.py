@@ -8,16 +8,16 @@ the Adam step after loading, so the test can compare them.
 """
 
 import argparse
-import json
 
 import torch
+from common import finish
+from resume_check import adam_steps, train_steps
 
 from megatron_sapo.actor import MegatronActor
 from megatron_sapo.checkpoint import save_sharded
 from megatron_sapo.config import load_config
-from megatron_sapo.models.qwen3_moe import Qwen3MoeArch
-from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
-from resume_check import adam_steps, train_steps
+from megatron_sapo.models import load_arch
+from megatron_sapo.parallel.state import initialize_model_parallel
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
         "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "trainer.total_steps=2", "actor.optim.lr=1e-3",
         "actor.max_tokens_per_micro_batch=32", "data.max_prompt_length=16", "data.max_response_length=16",
     ])  # fmt: skip
-    arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
+    arch = load_arch(args.hf_dir)
     initialize_model_parallel(config.actor.megatron.layout, seed=config.actor.megatron.seed, arch=arch)
     actor = MegatronActor(config, arch)
     result = {"world_size": torch.distributed.get_world_size()}
@@ -45,11 +45,8 @@ def main():
         actor.load_checkpoint(args.ckpt_dir)
         result["adam_step_after_load"] = adam_steps(actor)
     weights = dict(actor.export_hf_weights())
-    if is_rank0():
-        result["weights_sum"] = sum(float(t.double().abs().sum()) for t in weights.values())
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-    destroy()
+    result["weights_sum"] = sum(float(t.double().abs().sum()) for t in weights.values())  # rank 0's holds them
+    finish(args.out, result)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,19 @@ back per sample.
 """
 
 import argparse
-import json
 
 import torch
 import torch.distributed as dist
+from common import finish
 from transformers import AutoModelForCausalLM
 
 from megatron_sapo.convert.hf_io import HFCheckpointReader
 from megatron_sapo.convert.megatron_io import load_hf_weights
 from megatron_sapo.convert.verify import verification_batch
-from megatron_sapo.models.qwen3_moe import ModelOptions, Qwen3MoeArch, build_model
+from megatron_sapo.models import ModelOptions, build_model, load_arch
 from megatron_sapo.models.routing_replay import RoutingReplay
 from megatron_sapo.parallel.layout import ParallelLayout
-from megatron_sapo.parallel.state import destroy, initialize_model_parallel, is_rank0
+from megatron_sapo.parallel.state import initialize_model_parallel
 
 
 def random_routing(arch, batch, seq, seed=7):
@@ -77,7 +77,7 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    arch = Qwen3MoeArch.from_hf_dir(args.hf_dir)
+    arch = load_arch(args.hf_dir)
     layout = ParallelLayout(args.tp, args.pp, 1, args.ep, args.etp)
     initialize_model_parallel(layout, arch=arch)
     options = ModelOptions(moe_enable_routing_replay=True, recompute_granularity="full" if args.recompute else None)
@@ -179,10 +179,7 @@ def main():
     result["wrong_gradients"] = [w for part in gathered for w in part[0]]
     result["used_experts_per_layer"] = [c for part in gathered for c in part[1]]
     result["grad_square_sums"] = {k: v for part in gathered for k, v in part[2].items()}
-    if is_rank0():
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-    destroy()
+    finish(args.out, result)
 
 
 if __name__ == "__main__":
