@@ -8,6 +8,7 @@ that they still read the same there.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,8 @@ EXAMPLE_3 = r"""python3 -m verl.trainer.main_ppo \
 SEED_CONFIG_NOTES = ("actor_rollout_ref.actor.clip_ratio_low=null", "actor_rollout_ref.actor.clip_ratio_high=null")
 
 VERL_PROGRAM = ["python3", "-m", "verl.trainer.main_ppo"]
+CRITIC_METRICS = ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/explained_variance",
+                  "critic/grad_norm", "critic/lr", "timing/values", "timing/update_critic")  # fmt: skip
 NUM_PROMPTS = 20
 
 
@@ -159,7 +162,7 @@ def test_example_3_gae_with_critic_trains_two_steps(dense_dir, train_file, tmp_p
     tiny = [
         f"data.train_files=[{train_file}]", "data.max_prompt_length=32", "data.max_response_length=8",
         "data.train_batch_size=2", "rollout.n=2", "actor.ppo_mini_batch_size=2", "model.dtype=float32",
-        "trainer.total_steps=2", f"trainer.output_dir={out}", "trainer.export_hf_at_end=false",
+        "trainer.total_steps=2", "trainer.save_freq=1", f"trainer.output_dir={out}", "trainer.export_hf_at_end=false",
         "trainer.tensorboard=false", "reward.num_workers=1",
     ]  # fmt: skip
     command = [
@@ -175,6 +178,16 @@ def test_example_3_gae_with_critic_trains_two_steps(dense_dir, train_file, tmp_p
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
-        # trainer.critic_warmup=10 (verl: the actor updates once critic_warmup <= step): steps 1-9 train the critic.
+        missing = [key for key in CRITIC_METRICS if key not in row]
+        assert not missing, f"step {row['step']} lacks {missing}"
         assert row["critic/grad_norm"] > 0 and 0 < row["critic/vf_loss"] < float("inf")
-        assert "actor/pg_loss" not in row
+        # trainer.critic_warmup=10 (verl: the actor updates once critic_warmup <= step): steps 1-9 train the critic
+        # alone; the engine is not synced then, so the trainer's log-probs equal the engine's only if the policy
+        # stayed exactly as it was.
+        assert "actor/pg_loss" not in row and "actor/grad_norm" not in row
+        assert row["rollout/logprob_diff"] < 1e-5
+    # A checkpoint in the warm-up (an actor optimizer that never stepped) holds the critic beside the actor.
+    ckpt = os.path.join(out, "checkpoints", "iter_0000002")
+    with open(os.path.join(ckpt, "manifest.json")) as f:
+        files = json.load(f)["files"]
+    assert "critic/metadata.json" in files and "metadata.json" in files

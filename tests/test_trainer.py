@@ -275,40 +275,19 @@ def test_other_layouts_agree_with_expert_parallel_reference(layout, reference_ru
     _assert_same_steps(rows, _metrics(reference_run), steps=(0, 1), tol=1e-4)
 
 
-CRITIC_METRICS = ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/explained_variance",
-                  "critic/grad_norm", "critic/lr", "timing/values", "timing/update_critic")  # fmt: skip
+def test_the_actor_waits_for_the_critic_warmup():
+    """verl's ``critic_warmup <= global_steps`` (steps from 1): with a warm-up of 3 the critic trains alone in steps
+    1-2, and the engine keeps the initial policy (version 0) until step 3's update."""
+    from megatron_sapo.config import load_config
+    from megatron_sapo.trainer import _actor_updates, _policy_version
 
-
-def test_gae_with_critic_warmup(inputs, tmp_path):
-    """algorithm.adv_estimator=gae with trainer.critic_warmup=3: steps 1-2 train the critic alone, the actor from
-    step 3 (verl's ``critic_warmup <= global_steps``). The engine gets no new weights during the warm-up, so the
-    trainer's old log-probs still equal the engine's only if the warm-up left the actor's weights untouched. A
-    checkpoint every step: those of the warm-up hold an actor optimizer that has not stepped (resuming from one is
-    tests/test_resume.py's gae case)."""
-    out = str(tmp_path / "run")
-    _train(_overrides(
-        inputs, out, "actor.megatron.expert_model_parallel_size=2", "algorithm.adv_estimator=gae",
-        "algorithm.gamma=0.99", "algorithm.lam=0.95", "trainer.critic_warmup=3", "trainer.total_steps=3",
-        "trainer.save_freq=1", "trainer.test_freq=0", "trainer.val_before_train=false", "critic.optim.lr=1e-3",
-        "critic.policy_loss.loss_mode=sapo",
-    ))  # fmt: skip
-    rows = _metrics(out)
-    assert [row["step"] for row in rows] == [1, 2, 3]
-    for row in rows:
-        missing = [key for key in CRITIC_METRICS if key not in row]
-        assert not missing, f"step {row['step']} lacks {missing}"
-        assert row["critic/grad_norm"] > 0 and row["critic/lr"] == pytest.approx(1e-3)
-        assert row["rollout/logprob_diff"] < 1e-5
-        assert ("actor/grad_norm" in row) == (row["step"] >= 3)
-    # The critic learns its batch's returns: its loss falls over the warm-up.
-    assert rows[1]["critic/vf_loss"] < rows[0]["critic/vf_loss"]
-    # The checkpoint holds the critic beside the actor, in the manifest.
-    ckpt = os.path.join(out, "checkpoints", "iter_0000003")
-    files = json.load(open(os.path.join(ckpt, "manifest.json")))["files"]
-    assert "critic/metadata.json" in files and "metadata.json" in files
-    # The policy trained at step 3: the exported model is no longer the initial one.
-    exported, initial = _hf_tensors(os.path.join(out, "hf")), _hf_tensors(inputs.hf_dir)
-    assert any(not torch.equal(exported[name], initial[name]) for name in initial)
+    hf_config = os.path.join(REPO, "recipes", "qwen3_30b_a3b", "hf_config")
+    config = load_config(None, ["algorithm.adv_estimator=gae", "trainer.critic_warmup=3"], check_paths=False,
+                         hf_config_dir=hf_config, world_size=8)  # fmt: skip
+    assert [_actor_updates(config, step) for step in (1, 2, 3, 4)] == [False, False, True, True]
+    assert [_policy_version(config, step) for step in (0, 1, 2, 3, 4)] == [0, 0, 0, 3, 4]
+    config.algorithm.adv_estimator = "grpo"  # no critic: the actor updates from step 1
+    assert _actor_updates(config, 1)
 
 
 def test_r3_replays_the_engine_routing(reference_run, inputs, tmp_path):
