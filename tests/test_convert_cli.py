@@ -124,9 +124,10 @@ def _running(process) -> bool:
         return False
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2"])
+@pytest.mark.parametrize("family", ["qwen2"])
 def test_round_trip_cli_is_bit_exact(tiny_model, family, tmp_path):
-    """--verify against transformers and back, for the MoE and for a dense family with tied embeddings."""
+    """--verify against transformers and back, for a dense family with tied embeddings (the MoE's CLI round trip is
+    the bf16 one below, its --verify the TP/EP one)."""
     tiny_hf_dir = tiny_model(family)
     mcore, hf_out = tmp_path / "mcore", tmp_path / "hf_out"
     first = run(HF_TO_MCORE, "--hf-dir", tiny_hf_dir, "--out", str(mcore), "--verify")
