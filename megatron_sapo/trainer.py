@@ -60,7 +60,7 @@ from megatron_sapo.loss import (
     rollout_correction,
 )
 from megatron_sapo.metrics import MetricsLogger
-from megatron_sapo.models import load_arch
+from megatron_sapo.models import ModelArch, load_arch
 from megatron_sapo.models.routing_replay import decode_routed_experts, routing_dtype
 from megatron_sapo.parallel.state import initialize_model_parallel, is_rank0
 from megatron_sapo.rewards import RewardManager, RewardSample
@@ -139,9 +139,8 @@ def train(config: Config, data: RunData | None = None) -> str:
             # batch was generated during the previous step (the first step's, and a resumed sync run's, is made now).
             with _timer(timings, "rollout"):
                 if in_flight is None:
-                    batch = _from_rank0_or_fail(
-                        functools.partial(_generate_batch, config, stream, engine, rewards, tokenizer, step, metrics)
-                    )
+                    batch = _from_rank0_or_fail(functools.partial(
+                        _generate_batch, config, arch, stream, engine, rewards, tokenizer, step, metrics))  # fmt: skip
                 else:
                     batch, in_flight = in_flight, None
                     metrics.update(batch.pop("metrics"))
@@ -151,7 +150,7 @@ def train(config: Config, data: RunData | None = None) -> str:
             samples = batch["samples"]
             metrics.update(_staleness(batch["weight_versions"], trainer_version=_policy_version(config, step - 1)))
             if ahead is not None and step < config.trainer.total_steps:  # step + 1's batch, on the current weights
-                pending = ahead.submit(_generate_ahead, config, stream, engine, rewards, tokenizer, step + 1)
+                pending = ahead.submit(_generate_ahead, config, arch, stream, engine, rewards, tokenizer, step + 1)
 
             # 2. Log-probs of the sampled tokens under the current policy (and the frozen reference).
             with _timer(timings, "old_log_probs"):
@@ -273,7 +272,7 @@ def train(config: Config, data: RunData | None = None) -> str:
 # --- rollout ------------------------------------------------------------------------------------------------------
 
 
-def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -> dict:
+def _generate_batch(config, arch, stream, engine, rewards, tokenizer, step, metrics) -> dict:
     """Rank 0: draw prompts, generate, score, shape, and (with dynamic sampling) refill until the batch is full."""
     n = config.rollout.n
     round_index = 0
@@ -342,7 +341,7 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
     metrics["response_length/clip_frac"] = finish_length / len(response_ids)
     samples = Samples(prompt_ids=prompt_ids, response_ids=response_ids)
     samples.rollout_log_probs = response_aligned(logprobs, samples.max_response_len)
-    samples.routed_experts = _decode_engine_routing(config, [s for group in groups for s in group["samples"]])
+    samples.routed_experts = _decode_engine_routing(config, arch, [s for group in groups for s in group["samples"]])
     return {
         "samples": samples,
         "scores": shaped.tolist(),
@@ -352,11 +351,11 @@ def _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics) -
     }
 
 
-def _generate_ahead(config, stream, engine, rewards, tokenizer, step) -> dict:
+def _generate_ahead(config, arch, stream, engine, rewards, tokenizer, step) -> dict:
     """one_step_off, on rank 0's rollout thread: step ``step``'s batch, its rollout metrics inside. The main thread
     touches neither the engine nor the stream nor the reward workers until it has the result."""
     metrics: dict[str, float] = {}
-    batch = _generate_batch(config, stream, engine, rewards, tokenizer, step, metrics)
+    batch = _generate_batch(config, arch, stream, engine, rewards, tokenizer, step, metrics)
     return {**batch, "metrics": metrics}
 
 
@@ -383,15 +382,14 @@ def _decode_batch(text: str) -> dict:
     return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=False)  # the run's own checkpoint
 
 
-def _decode_engine_routing(config: Config, outputs: list) -> list[torch.Tensor] | None:
+def _decode_engine_routing(config: Config, arch: ModelArch, outputs: list) -> list[torch.Tensor] | None:
     """The engine's ``meta_info.routed_experts`` of every sample (compact integer tensors), or None when it sent
     none (SGLang without --enable-return-routed-experts, or a dense model)."""
     encoded = [sample.meta_info.get("routed_experts") for sample in outputs]
     if not config.rollout.enable_return_routed_experts or any(e is None for e in encoded):
         return None
-    hf = load_arch(config.model.path)
-    dtype = routing_dtype(hf.num_experts)
-    return [decode_routed_experts(e, hf.num_layers, hf.num_experts_per_tok).to(dtype) for e in encoded]
+    dtype = routing_dtype(arch.num_experts)
+    return [decode_routed_experts(e, arch.num_layers, arch.num_experts_per_tok).to(dtype) for e in encoded]
 
 
 def _engine_routing_or_fail(samples: Samples) -> list[torch.Tensor]:

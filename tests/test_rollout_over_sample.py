@@ -76,22 +76,23 @@ class _Stream:
         return {"drawn": len(self.drawn)}
 
 
-def test_trainer_draws_ceil_factor_prompts_and_counts_the_discarded_groups(engine):
+def test_trainer_draws_ceil_factor_prompts_and_counts_the_discarded_groups(engine, tiny_hf_dir):
     from types import SimpleNamespace
 
     from megatron_sapo.config import Config
+    from megatron_sapo.models import load_arch
     from megatron_sapo.trainer import _generate_batch
 
     rewards = SimpleNamespace(compute_rewards=lambda samples: ([float(len(s.response) % 2) for s in samples],
                                                                {"num_errors": 0, "num_timeouts": 0}))  # fmt: skip
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "x" * len(ids))
-    results = {}
+    arch, results = load_arch(tiny_hf_dir), {}
     for factor in (1.0, 2.5):
         config = Config()
         config.rollout.n, config.rollout.over_sample_factor = N, factor
         config.data.train_batch_size, config.data.max_response_length = 2, 24
         stream, metrics = _Stream(), {}
-        batch = _generate_batch(config, stream, engine, rewards, tokenizer, 1, metrics)
+        batch = _generate_batch(config, arch, stream, engine, rewards, tokenizer, 1, metrics)
         assert len(batch["scores"]) == 2 * N and batch["group_index"] == [0] * N + [1] * N
         results[factor] = (len(stream.drawn), metrics.get("rollout/aborted_groups"), batch)
     # 1.0: two prompts drawn, no abort metric, today's path; 2.5: ceil(2.5 × 2) = 5 drawn, 3 discarded.
