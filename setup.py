@@ -10,7 +10,10 @@ setup(
     packages=find_packages(include=["megatron_sapo", "megatron_sapo.*"]),
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.15,<0.17",
+        # megatron-core by interpreter: 0.16.1 is the newest for Python 3.11, 0.17+ needs 3.12. Both pairs are tested
+        # (README: "megatron-core versions"); megatron_sapo/parallel/mcore_compat.py holds every difference.
+        "megatron-core>=0.15,<0.17; python_version<'3.12'",
+        "megatron-core>=0.19.2,<0.20; python_version>='3.12'",
         # megatron-core's async checkpoint writer imports psutil without declaring it; without it the
         # writer child dies and dist_checkpointing.save waits forever.
         "psutil",

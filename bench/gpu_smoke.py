@@ -18,9 +18,9 @@ On CUDA/NCCL with a world of one process it runs, on a tiny random Qwen3-MoE:
 It prints one table and writes it to ``OUT/gpu_smoke.txt``; it exits non-zero when a check fails (the trainer's
 log-probs far from the rollout engine's, offload freeing nothing, the loss kernel disagreeing with the reference).
 Nothing here runs in ``make test``; it needs only torch with CUDA and the wheels ``make wheelhouse`` collects
-(``--print-requirements``: megatron-core and every runtime dependency of megatron_sapo outside torch's own, pinned
-to the versions the CPU test suite runs with; most are pure Python, the compiled ones are numpy, pyarrow,
-safetensors, tokenizers, sentencepiece, regex, pyyaml, psutil, pydantic-core, hf-xet and aiohttp's).
+(``--print-requirements``: megatron-core 0.19 and the runtime dependencies of megatron_sapo that the device image
+lacks, :data:`DEVICE_IMAGE_PACKAGES`, pinned to the versions the Python 3.12 test leg runs with: a few MiB, where all
+of them, numpy, pyarrow and transformers included, were 108 MB and did not fit the 64 MiB a device call carries).
 """
 
 from __future__ import annotations
@@ -127,10 +127,37 @@ def _closure(roots: list[str], skip: set[str] = frozenset()) -> dict[str, str]:
     return found
 
 
-def requirements() -> list[str]:
-    """Pinned wheels for a machine that has torch: megatron_sapo's runtime closure without torch's own."""
+# What the lent device machine's image ('cuda': Python 3.12.3, torch 2.11 + CUDA 13) already holds, as the device
+# tool's KINDS.md lists it (2026-11-17); the wheelhouse carries only what it lacks, since a device call takes at most
+# 64 MiB with the working tree. Names are normalised (lower case, '-').
+DEVICE_IMAGE_PACKAGES = frozenset("""
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
+charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
+cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
+formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna
+imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
+lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe
+matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals
+networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13
+nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
+opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy
+peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout
+pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core
+scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile
+tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm
+transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel
+wrapt xarray xxhash yarl zipp
+""".split())
+
+
+def requirements(image: frozenset[str] = DEVICE_IMAGE_PACKAGES) -> list[str]:
+    """Pinned wheels for the device image: megatron_sapo's runtime closure (at this venv's versions) without torch's
+    own and without what ``image`` already has (kept at the image's versions: setup.py's ranges admit them)."""
     torch_own = set(_closure(["torch"]))
-    ours = _closure(["megatron_sapo"], skip=torch_own)
+    ours = _closure(["megatron_sapo"], skip=torch_own | set(image))
     return [f"{name}=={version}" for name, version in sorted(ours.items()) if name != "megatron-sapo"]
 
 

@@ -29,6 +29,7 @@ import time
 import torch.distributed as dist
 
 from megatron_sapo.errors import InputError, RunError
+from megatron_sapo.parallel.mcore_compat import WRITER_THREADS, quiet_known_notices, save_sharded_strategy
 
 METADATA_FILE = "metadata.json"  # written by megatron's dist_checkpointing.save once the shards are
 MANIFEST_FILE = "manifest.json"  # every file of the checkpoint and its size, written last (before the rename)
@@ -135,7 +136,13 @@ def save_sharded(
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         # No collective from here on: one that a rank still inside megatron's save could pair up with would hang
         # or mix up data. megatron hands rank 0 every rank's write errors, so rank 0 alone says what happened.
-        raise RunError(_save_failed(ckpt_dir, needed, error) if _rank() == 0 else _error_text(error)) from None
+        if _rank() == 0:
+            raise RunError(_save_failed(ckpt_dir, needed, error)) from None
+        if not isinstance(error, CheckpointException):
+            # Raised on this rank alone, before megatron's gather of the write results, so rank 0 waits there
+            # and cannot report it (megatron-core 0.19: a failed writer thread trips an assertion on its own rank).
+            raise RunError(_save_failed(ckpt_dir, needed, error), only_this_rank=True) from None
+        raise RunError(_error_text(error)) from None
     _barrier()
     verdict = None
     if _rank() == 0:
@@ -181,10 +188,10 @@ def checkpoint_bytes(ckpt_dir: str) -> int | None:
 
 
 def _files_to_write() -> int:
-    # Two shard files per rank (torch_dist's default thread count), .metadata, common.pt, metadata.json, the
-    # trainer's files and the manifest.
+    # WRITER_THREADS shard files per rank, .metadata, common.pt (megatron-core 0.16), metadata.json, the trainer's
+    # files and the manifest.
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return 2 * world + 8
+    return WRITER_THREADS * world + 8
 
 
 def _space_shortage(folder: str, needed_bytes: int, needed_files: int) -> str | None:
@@ -199,7 +206,7 @@ def _space_shortage(folder: str, needed_bytes: int, needed_files: int) -> str | 
 
 
 def _save_failed(ckpt_dir: str, needed_bytes: int, error: BaseException) -> str:
-    """Rank 0, after a failed save: the message, with the partial folder removed."""
+    """The rank that reports a failed save: the message, with the partial folder removed."""
     text = _error_text(error)
     folder = os.path.dirname(ckpt_dir)
     shortage = _space_shortage(folder, needed_bytes, 1)
@@ -249,10 +256,10 @@ def _save_strategy(fully_parallel: bool):
     """torch_dist with megatron's fully-parallel wrapper: the data-parallel replicas of a tensor share its writing
     instead of DP rank 0 writing it all."""
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    strategy = get_default_save_sharded_strategy()
+    quiet_known_notices()
+    strategy = save_sharded_strategy()
     if not fully_parallel or not ps.model_parallel_is_initialized():
         return strategy
     return FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))

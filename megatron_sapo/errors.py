@@ -14,4 +14,10 @@ class RunError(RuntimeError):
     """The run cannot go on (a rollout server died, a checkpoint could not be written, ...).
 
     Raised on every rank with the same one-line message that says what happened and what to do; the entry point
-    prints it once, on rank 0, as ``error: <message>`` and exits with status 1."""
+    prints it once, on rank 0, as ``error: <message>`` and exits with status 1. ``only_this_rank`` marks a failure
+    that this rank alone knows of while the others wait for it in a collective (megatron-core 0.19's checkpoint
+    writer threads raise on their own rank): that rank prints it, at once."""
+
+    def __init__(self, message: str, *, only_this_rank: bool = False):
+        super().__init__(message)
+        self.only_this_rank = only_this_rank

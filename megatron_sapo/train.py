@@ -73,8 +73,9 @@ VERL_CONFIG_NAMES = ("ppo_trainer", "ppo_megatron_trainer")
 
 def _report(error: InputError | RunError, rank: int) -> int:
     """Rank 0 prints the one line; the others stay silent and give it a head start, so that torchrun names rank 0
-    as the root cause and then ends them (see README, "When things go wrong"). Returns the exit status."""
-    if rank == 0:
+    as the root cause and then ends them (see README, "When things go wrong"); a failure only one rank knows of is
+    printed by that rank (:class:`RunError`'s ``only_this_rank``). Returns the exit status."""
+    if rank == 0 or getattr(error, "only_this_rank", False):
         print(f"error: {error}", file=sys.stderr)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         time.sleep(RANK0_HEAD_START_S)

@@ -50,8 +50,9 @@ def start_writer_results_service() -> threading.Thread:
     """Start, in the background, the helper process megatron's checkpoint writer reports through; join the thread
     before saving.
 
-    megatron-core 0.16.1's ``FileSystemWriterAsync`` (dist_checkpointing/strategies/filesystem_async.py,
-    ``_get_write_results_queue``) collects its writer processes' results in a queue served by a spawn-context
+    megatron-core's ``FileSystemWriterAsync`` (dist_checkpointing/strategies/filesystem_async.py; the queue's
+    name differs by version, see :func:`megatron_sapo.parallel.mcore_compat.write_results_queue`) collects its
+    writers' results in a queue served by a spawn-context
     ``multiprocessing`` Manager, started on the first save and kept for the next ones. That process unpickles the
     results, ``torch.distributed.checkpoint`` objects, so the first save waits at its end while it imports them:
     2.7 s measured on an idle machine, over 5 s on a loaded one. Here it is started as soon as megatron is imported
@@ -59,12 +60,13 @@ def start_writer_results_service() -> threading.Thread:
     model. Should anything fail here, the save starts the Manager itself, as it otherwise would.
     """
     # imported here, on the calling thread: megatron's package imports are not safe to run on two threads at once
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from megatron_sapo.parallel.mcore_compat import write_results_queue
 
     def warm_up():
         try:
-            results = filesystem_async._get_write_results_queue()  # noqa: SLF001 (see the docstring)
+            results = write_results_queue()
             results.put(MetadataIndex("warm-up"))
             results.get()  # the queue is empty again before the save's writers put their results
         except Exception:  # noqa: BLE001

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sapo.models.arch import ModelArch
+from megatron_sapo.parallel.mcore_compat import cuda_graphs_off, quiet_known_notices
 
 
 @dataclass
@@ -110,8 +111,7 @@ def transformer_config(arch: ModelArch, options: ModelOptions | None = None, **p
         # gradient norm counts TP shards as duplicates.)
         use_cpu_initialization=not torch.cuda.is_available() or not options.init_weights,
         perform_initialization=options.init_weights,
-        # megatron-core 0.16's default ("full") warns that it is deprecated on every config; [] means the same.
-        cuda_graph_scope=[],
+        **cuda_graphs_off(),
         # megatron-core 0.16 refuses its default dispatcher ("allgather") with variable sequence lengths even for
         # a model without MoE layers.
         moe_token_dispatcher_type=options.moe_token_dispatcher_type if moe else "alltoall",
@@ -139,19 +139,16 @@ def decoder_block_spec(config, use_transformer_engine: bool, vp_stage: int | Non
     """The layer specs of this pipeline stage: TE's spec, or the local spec with :class:`RMSNorm` norms."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.enums import LayerType
-    from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from megatron_sapo.models.norm import RMSNorm
+    from megatron_sapo.models.norm import QKRMSNorm, RMSNorm
 
     if use_transformer_engine:
         return get_gpt_decoder_block_spec(config, True, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank)
-
-    qk_norm = ModuleSpec(module=RMSNorm, params={"for_qk": True})
 
     def local_layer(num_experts):
         spec = get_gpt_layer_local_spec(
@@ -161,7 +158,7 @@ def decoder_block_spec(config, use_transformer_engine: bool, vp_stage: int | Non
         if config.qk_layernorm:
             attention = dataclasses.replace(
                 attention,
-                submodules=dataclasses.replace(attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm),
+                submodules=dataclasses.replace(attention.submodules, q_layernorm=QKRMSNorm, k_layernorm=QKRMSNorm),
             )
         keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
         if num_experts:
@@ -204,6 +201,7 @@ def build_gpt_model(
     """One pipeline stage of ``arch`` as a ``GPTModel`` producing vocab-parallel logits."""
     from megatron.core.models.gpt import GPTModel
 
+    quiet_known_notices()
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_usable()
     return GPTModel(

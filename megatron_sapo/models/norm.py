@@ -23,3 +23,11 @@ class RMSNorm(torch.nn.Module):
         hidden = hidden_states.to(torch.float32)
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * hidden.to(input_dtype)
+
+
+class QKRMSNorm(RMSNorm):
+    """The q/k norm: a class rather than ``ModuleSpec(RMSNorm, params=...)`` because megatron-core 0.17+ calls
+    the attention's ``q_layernorm``/``k_layernorm`` spec entries directly (``cls(hidden_size=, config=, eps=)``)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **kwargs):
+        super().__init__(config, hidden_size, eps, for_qk=True, **kwargs)
