@@ -29,7 +29,12 @@ import time
 import torch.distributed as dist
 
 from megatron_sapo.errors import InputError, RunError
-from megatron_sapo.parallel.mcore_compat import WRITER_THREADS, quiet_known_notices, save_sharded_strategy
+from megatron_sapo.parallel.mcore_compat import (
+    WRITER_THREADS,
+    quiet_known_notices,
+    save_sharded_strategy,
+    unreadable_checkpoint,
+)
 
 METADATA_FILE = "metadata.json"  # written by megatron's dist_checkpointing.save once the shards are
 MANIFEST_FILE = "manifest.json"  # every file of the checkpoint and its size, written last (before the rename)
@@ -369,6 +374,9 @@ def load_sharded(
             f"{field}: {ckpt_dir} {problem}; point it at a complete folder written by tools/convert_hf_to_mcore.py or "
             "by the trainer"
         )
+    unreadable = unreadable_checkpoint(ckpt_dir)
+    if unreadable:
+        raise InputError(f"{field}: {ckpt_dir} {unreadable}")
     check_tensor_shapes(sharded_state_dict, ckpt_dir, field=field)
     strategy = _load_strategy(ckpt_dir, fully_parallel)
     return dist_checkpointing.load(sharded_state_dict, ckpt_dir, sharded_strategy=strategy)
@@ -446,6 +454,9 @@ def resume_candidates(
         if newest is not None and step > newest:
             continue
         path = step_dir(checkpoints_dir, step)
+        unreadable = unreadable_checkpoint(path)
+        if unreadable:  # not damaged: passing over it would resume from an older one and later delete it
+            raise InputError(f"trainer.resume=auto: {path} {unreadable}")
         problem = checkpoint_problem(path, required=required)
         if problem is None:
             return path, skipped

@@ -62,6 +62,7 @@ from megatron_sapo.loss import (
 from megatron_sapo.metrics import MetricsLogger
 from megatron_sapo.models import ModelArch, load_arch
 from megatron_sapo.models.routing_replay import decode_routed_experts, routing_dtype
+from megatron_sapo.parallel.mcore_compat import unreadable_checkpoint
 from megatron_sapo.parallel.state import initialize_model_parallel, is_rank0
 from megatron_sapo.rewards import RewardManager, RewardSample
 from megatron_sapo.rewards.dynamic_sampling import fill_batch
@@ -638,14 +639,18 @@ def _resume_checkpoint(config: Config, checkpoints: str) -> str | None:
     if is_rank0():
         remove_partial_saves(checkpoints)
         if resume == "auto":
-            path, skipped = resume_candidates(checkpoints, required)
+            try:
+                path, skipped = resume_candidates(checkpoints, required)
+            except InputError as error:  # a checkpoint of another megatron-core: not passed over (see there)
+                path, skipped, choice = None, [], (None, str(error))
             if path and skipped:
                 logger.warning("trainer.resume=auto: passed over %s; resuming from %s", "; ".join(skipped), path)
-            choice = (path, None) if path or not skipped else (
-                None, f"trainer.resume=auto: no complete checkpoint in {checkpoints} ({'; '.join(skipped)}); set "
-                      "trainer.resume=disable to start over or name a checkpoint")  # fmt: skip
+            if choice[1] is None:
+                choice = (path, None) if path or not skipped else (
+                    None, f"trainer.resume=auto: no complete checkpoint in {checkpoints} ({'; '.join(skipped)}); set "
+                          "trainer.resume=disable to start over or name a checkpoint")  # fmt: skip
         else:
-            problem = checkpoint_problem(resume, required=required)
+            problem = checkpoint_problem(resume, required=required) or unreadable_checkpoint(resume)
             choice = (None, f"trainer.resume={resume}: the checkpoint {problem}; name a complete one (or use auto)") \
                 if problem else (resume, None)  # fmt: skip
     path, error = _broadcast(choice)

@@ -35,7 +35,7 @@ def tiny_hf_dir(tiny_model):
 MEGATRON_TEST_FILES = frozenset(
     f"test_{name}.py"
     for name in (
-        "actor", "convert_cli", "faults", "loss_logprobs", "mapping", "model_parity", "optimizer_step",
+        "actor", "convert_cli", "faults", "loss_logprobs", "mapping", "mcore_compat", "model_parity", "optimizer_step",
         "param_count", "plan", "recipe_twin", "resume", "rollout_overlap", "rollout_weights", "routing_replay",
         "seed_command_lines", "trainer",
     )

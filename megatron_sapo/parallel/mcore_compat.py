@@ -11,7 +11,8 @@ Code elsewhere asks this module, never ``megatron.core.__version__``. What diffe
   :data:`WRITER_THREADS` explicitly, so both versions write two shard files per rank. The results queue the
   writers report through is ``_get_write_results_queue()`` in 0.16 and ``get_write_results_queue(mp_mode)`` in 0.19.
 - **Checkpoint format.** 0.19 stores the common state as a ``common_state`` ShardedObject instead of ``common.pt``;
-  it reads 0.16 checkpoints, 0.16 cannot read its checkpoints (a resume under 0.16 of a 0.19 checkpoint fails).
+  it reads 0.16 checkpoints, 0.16 cannot read its checkpoints (0.16 fails deep in ``load_common`` with a traceback).
+  :func:`unreadable_checkpoint` turns that into one line before megatron is asked to load.
 - **Log lines.** 0.19 logs "GPTModel IS DEPRECATED" at every model build, "MCore's async save is deprecated"
   at the first save (its synchronous save goes through the deprecated async path) and, at every DDP wrap with the
   distributed optimizer, that no ``full_param_layout`` was passed (DDP then computes it with the very call the
@@ -30,7 +31,9 @@ Code elsewhere asks this module, never ``megatron.core.__version__``. What diffe
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 
 WRITER_THREADS = 2  # 0.16's default; 0.19's is 1 (see the module docstring)
 
@@ -73,6 +76,29 @@ def save_sharded_strategy():
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
+
+
+def unreadable_checkpoint(ckpt_dir: str) -> str | None:
+    """Why this megatron-core cannot read the torch_dist checkpoint ``ckpt_dir`` (a phrase), or None.
+
+    0.16 reads the common state from ``common.pt``, named by ``common_backend`` in ``metadata.json``; 0.17+ writes
+    neither (the common state is a ShardedObject among the shards)."""
+    if at_least(0, 17):
+        return None
+    try:
+        with open(os.path.join(ckpt_dir, "metadata.json")) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError):
+        return None  # not a megatron checkpoint, or an incomplete one: checkpoint.checkpoint_problem says which
+    if isinstance(metadata, dict) and "common_backend" not in metadata:
+        if not os.path.exists(os.path.join(ckpt_dir, "common.pt")):
+            version = ".".join(map(str, mcore_version()))
+            return (
+                f"was written by megatron-core 0.17 or later (no common.pt), which megatron-core {version} cannot "
+                "read; load it under Python 3.12 (megatron-core 0.19), or convert it to HF there "
+                "(tools/convert_mcore_to_hf.py) and back here (tools/convert_hf_to_mcore.py)"
+            )
+    return None
 
 
 class _DropMessage(logging.Filter):
