@@ -66,7 +66,7 @@ demo-gae: install
 gpu-smoke:
 	$(PYTHON) -m venv --system-site-packages $(VENV)-gpu
 	$(VENV)-gpu/bin/pip install -q --no-index --find-links wheels --no-deps -r wheels/requirements.txt
-	$(VENV)-gpu/bin/pip install -q --no-index --no-deps --no-build-isolation -e .
+	$(VENV)-gpu/bin/pip install -q --no-index --no-deps --no-build-isolation --use-pep517 -e .
 	$(VENV)-gpu/bin/python bench/gpu_smoke.py
 
 # What the device image lacks (bench/gpu_smoke.py: DEVICE_IMAGE_PACKAGES), at the Python 3.12 leg's versions, as

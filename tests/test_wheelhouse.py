@@ -80,7 +80,7 @@ def test_wheelhouse_fits_a_device_call_and_installs_offline_on_the_device_image(
     for step in (  # gpu-smoke's install commands (Makefile), offline
         ["-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), "--no-deps", "-r",
          str(wheels / "requirements.txt")],
-        ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e", REPO],
+        ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "--use-pep517", "-e", REPO],
     ):  # fmt: skip
         proc = subprocess.run([py, *step], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
