@@ -26,6 +26,8 @@ setup(
         "pyarrow>=14",  # Parquet prompt sets (verl's format)
         "math-verify>=0.9",  # symbolic answer checking for the math reward
         "aiohttp>=3.9",  # the rollout client and the embedded rollout server
+        "huggingface_hub",  # model.path=org/name: Hub ids resolved to a local snapshot (megatron_sapo/hub.py)
+        "xxhash>=3",  # checkpoint manifests' checksums (XXH3)
     ],
     extras_require={
         # GPU clusters only, in a venv of its own: sglang pins its own torch/CUDA stack (0.5.23: torch==2.14.1).

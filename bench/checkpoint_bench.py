@@ -1,21 +1,25 @@
-"""Trainer checkpoints with and without megatron's fully-parallel save/load wrappers, side by side in one run.
+"""Trainer checkpoints three ways, side by side in one run: megatron's plain torch_dist save/load, its
+fully-parallel wrappers, and the trainer's way (plain load, fully-parallel save) without the manifest's checksums.
 
     torchrun --nproc_per_node=2 bench/checkpoint_bench.py --hf-dir HF [--repeats 3] [key=value ...]
 
 The configuration is the CPU demo's (recipes/tiny_moe/config.yaml: EP=2, so DP=2 for the dense weights).
 
 The actor (model, distributed optimizer, scheduler, RNG: what the trainer saves) is saved and loaded ``--repeats``
-times each way, alternating. Printed per way: the bytes each rank wrote (the shard files ``__<rank>_<n>.distcp``)
-and the median save and load times. Without the wrapper a tensor replicated over data-parallel ranks (every dense
-weight when DP > 1) is written by DP rank 0 alone; with it the replicas split the writing, and on load each reads a
-share and they exchange the rest. ``--hf-dir``: e.g. the tiny model of
-``megatron_sapo.models.tiny.make_tiny_model``.
+times each way, alternating (the order reversed every other repeat). Printed per way: the bytes each rank wrote
+(the shard files ``__<rank>_<n>.distcp``)
+and the median save and load times, and the checksums' cost as the ratio of the trainer's way with them (hashing
+every file at save, verifying it at load, each rank its own share) to the same without. Without the fully-parallel
+wrapper a tensor replicated over data-parallel ranks (every dense weight when DP > 1) is written by DP rank 0
+alone; with it the replicas split the writing, and on load each reads a share and they exchange the rest.
+``--hf-dir``: e.g. the tiny model of ``megatron_sapo.models.tiny.make_tiny_model``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -53,26 +57,40 @@ def main() -> None:
     actor._allocate_torch_optimizer_state()  # noqa: SLF001 (Adam's state as after a first step, to be saved)
     root = [tempfile.mkdtemp(prefix="ckpt-bench-") if is_rank0() else None]
     dist.broadcast_object_list(root)
-    results: dict[bool, dict[str, list]] = {way: {"save": [], "load": [], "bytes": []} for way in (False, True)}
+    ways = {  # name: (fully-parallel save/load, checksums)
+        "torch_dist": (False, True),
+        "torch_dist + fully parallel": (True, True),
+        "trainer's, no checksums": (None, False),
+        "trainer's (checksums)": (None, True),
+    }
+    results: dict[str, dict[str, list]] = {way: {"save": [], "load": [], "bytes": []} for way in ways}
     for repeat in range(args.repeats):
-        for fully_parallel in (False, True):
-            folder = os.path.join(root[0], f"{int(fully_parallel)}_{repeat}")
+        order = list(ways) if repeat % 2 == 0 else list(reversed(ways))  # no way always runs first or last
+        for way in order:
+            fully_parallel, checksum = ways[way]
+            save_parallel, load_parallel = (True, False) if fully_parallel is None else (fully_parallel,) * 2
+            folder = os.path.join(root[0], f"{repeat}_{list(ways).index(way)}")
             dist.barrier()
             start = time.perf_counter()
-            save_sharded(actor.sharded_state_dict(), folder, fully_parallel=fully_parallel)
-            results[fully_parallel]["save"].append(time.perf_counter() - start)
-            results[fully_parallel]["bytes"] = bytes_per_rank(folder, dist.get_world_size())
+            save_sharded(actor.sharded_state_dict(), folder, fully_parallel=save_parallel, checksum=checksum)
+            results[way]["save"].append(time.perf_counter() - start)
+            results[way]["bytes"] = bytes_per_rank(folder, dist.get_world_size())
             dist.barrier()
             start = time.perf_counter()
-            load_sharded(actor.sharded_state_dict(is_loading=True), folder, fully_parallel=fully_parallel)
-            results[fully_parallel]["load"].append(time.perf_counter() - start)
+            load_sharded(actor.sharded_state_dict(is_loading=True), folder, fully_parallel=load_parallel)
+            results[way]["load"].append(time.perf_counter() - start)
     if is_rank0():
         print(f"world {dist.get_world_size()}, layout {config.actor.megatron.layout}, {args.repeats} repeats")
         print(f"{'strategy':<30}{'MiB written per rank':<28}{'save s (median)':<18}{'load s (median)':<16}")
-        for fully_parallel, name in ((False, "torch_dist"), (True, "torch_dist + fully parallel")):
-            r = results[fully_parallel]
+        median = {way: {k: statistics.median(r[k]) for k in ("save", "load")} for way, r in results.items()}
+        for way, r in results.items():
             written = " / ".join(f"{b / 2**20:.2f}" for b in r["bytes"])
-            print(f"{name:<30}{written:<28}{statistics.median(r['save']):<18.3f}{statistics.median(r['load']):<16.3f}")
+            print(f"{way:<30}{written:<28}{median[way]['save']:<18.3f}{median[way]['load']:<16.3f}")
+        with_sums, without = median["trainer's (checksums)"], median["trainer's, no checksums"]
+        both = sum(with_sums.values()) / sum(without.values())
+        print(f"checksums cost: save {with_sums['save'] / without['save']:.3f}x, resume (load) "
+              f"{with_sums['load'] / without['load']:.3f}x, both {both:.3f}x")
+        shutil.rmtree(root[0], ignore_errors=True)
     destroy()
 
 

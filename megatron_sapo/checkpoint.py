@@ -2,8 +2,11 @@
 
 A checkpoint is written into ``<dir>.tmp`` and renamed to ``<dir>`` only after every rank has finished, so a
 run killed while saving never leaves a half-written ``<dir>``: either the old one or the new one is there. The last
-file written before the rename is ``manifest.json`` (every file and its size): a checkpoint is trusted only when its
-files match it (:func:`checkpoint_problem`), which catches a shard truncated or lost after the fact. Saves check
+file written before the rename is ``manifest.json`` (every file, its size and its xxh3-64 checksum): a checkpoint is
+trusted only when its files match it (:func:`checkpoint_problem`), which catches a shard truncated, lost or damaged
+after the fact. Each rank hashes the shard files it wrote (``__<rank>_<n>.distcp``; rank 0 the rest), in parallel,
+and at load each rank verifies the same share of the world it loads in, so neither side reads a byte twice on
+one rank. Saves check
 the free space first and turn a failed write (a full disk) into one :class:`RunError` line, the partial folder
 removed. Saves go through megatron's fully-parallel wrapper over the data-parallel group (the replicas of a tensor
 share its writing, so no rank writes more than its share); loads can (``fully_parallel=True``) but do not by default:
@@ -21,12 +24,14 @@ import faulthandler
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import threading
 import time
 
 import torch.distributed as dist
+import xxhash
 
 from megatron_sapo.errors import InputError, RunError
 from megatron_sapo.parallel.mcore_compat import (
@@ -37,7 +42,8 @@ from megatron_sapo.parallel.mcore_compat import (
 )
 
 METADATA_FILE = "metadata.json"  # written by megatron's dist_checkpointing.save once the shards are
-MANIFEST_FILE = "manifest.json"  # every file of the checkpoint and its size, written last (before the rename)
+MANIFEST_FILE = "manifest.json"  # every file of the checkpoint, its size and checksum, written last (before the rename)
+CHECKSUM = "xxh3_64"  # the manifest's hash: xxhash's XXH3, 64 bits (several GB/s per core, so a save hardly notices)
 
 
 def _barrier():
@@ -95,6 +101,7 @@ def save_sharded(
     fully_parallel: bool = True,
     expected_bytes: int | None = None,
     parts: dict[str, dict] | None = None,
+    checksum: bool = True,
 ) -> None:
     """Collective: save a Megatron sharded state dict to ``ckpt_dir`` atomically (an existing one is replaced).
 
@@ -103,7 +110,8 @@ def save_sharded(
     ``optimizer.distributed.dp_group_idx_*``, take no prefix, so two optimizers cannot share one checkpoint).
 
     ``extra_files`` (name → text) are written by rank 0 into the checkpoint folder before it is published; the
-    manifest (every file and its size) is written last, so a checkpoint is complete exactly when its manifest says so.
+    manifest (every file, its size and, with ``checksum``, its xxh3-64 hash) is written last, so a checkpoint is
+    complete exactly when its manifest says so (``checksum=False``: sizes only, for bench/checkpoint_bench.py).
     Raises :class:`RunError` on every rank, with the partial folder removed, when the disk has too little room
     (checked before writing, against ``expected_bytes``, e.g. the size of the run's previous checkpoint, or else an
     estimate from the tensors) or the save fails.
@@ -148,13 +156,29 @@ def save_sharded(
             # and cannot report it (megatron-core 0.19: a failed writer thread trips an assertion on its own rank).
             raise RunError(_save_failed(ckpt_dir, needed, error), only_this_rank=True) from None
         raise RunError(_error_text(error)) from None
-    _barrier()
     verdict = None
     if _rank() == 0:
         try:
             for name, text in (extra_files or {}).items():
                 _write_synced(os.path.join(tmp_dir, name), text)
-            write_manifest(tmp_dir)
+        except OSError as error:
+            verdict = _save_failed(ckpt_dir, needed, error)
+    verdict = _from_rank0(verdict)  # also the barrier: every shard and extra file is written before hashing starts
+    if verdict:
+        raise RunError(verdict)
+    checksums, problem = {}, None
+    if checksum:
+        try:
+            checksums = file_checksums(tmp_dir, _my_share(_files_of(tmp_dir)))
+        except OSError as error:
+            problem = f"hashing it failed on rank {_rank()}: {error}"
+    gathered = _all_gather((checksums, problem))
+    if _rank() == 0:
+        problems = [p for _, p in gathered if p]
+        try:
+            if problems:
+                raise OSError(problems[0])
+            write_manifest(tmp_dir, {name: digest for part, _ in gathered for name, digest in part.items()})
             replace_dir(tmp_dir, ckpt_dir)
         except OSError as error:
             verdict = _save_failed(ckpt_dir, needed, error)
@@ -315,24 +339,64 @@ def replace_dir(src: str, dst: str) -> None:
 # --- verification: a manifest of every file and its size, written last -------------------------------------------
 
 
-def write_manifest(folder: str) -> None:
-    """Record every file under ``folder`` with its size in ``manifest.json`` (written atomically, last)."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = os.path.getsize(path)
-    files.pop(MANIFEST_FILE, None)
-    _write_synced(os.path.join(folder, MANIFEST_FILE + ".tmp"), json.dumps({"files": files}, indent=0, sort_keys=True))
+def write_manifest(folder: str, checksums: dict[str, str] | None = None) -> None:
+    """Record every file under ``folder`` with its size (and its checksum, where ``checksums`` has one) in
+    ``manifest.json``, written atomically, last."""
+    files = {name: os.path.getsize(os.path.join(folder, name)) for name in _files_of(folder)}
+    manifest: dict = {"files": files}
+    if checksums:
+        manifest |= {"checksum": CHECKSUM, "checksums": {name: checksums[name] for name in sorted(checksums)}}
+    _write_synced(os.path.join(folder, MANIFEST_FILE + ".tmp"), json.dumps(manifest, indent=0, sort_keys=True))
     os.replace(os.path.join(folder, MANIFEST_FILE + ".tmp"), os.path.join(folder, MANIFEST_FILE))
 
 
-def checkpoint_problem(ckpt_dir: str, *, required: tuple[str, ...] = ()) -> str | None:
+def _files_of(folder: str) -> list[str]:
+    """Every file under ``folder`` (relative paths, sorted), the manifest and its temporary file excluded."""
+    names = []
+    for root, _, files in os.walk(folder):
+        names += [os.path.relpath(os.path.join(root, name), folder) for name in files]
+    return sorted(n for n in names if n not in (MANIFEST_FILE, MANIFEST_FILE + ".tmp"))
+
+
+_SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # torch_dist's shard files: __<writing rank>_<n>.distcp
+
+
+def _owner(name: str, world: int) -> int:
+    """The rank that hashes (at save) or verifies (at load) a file: a shard's writer, modulo the world it is
+    loaded in; rank 0 for the rest (metadata, common state, the trainer's files)."""
+    match = _SHARD_FILE.fullmatch(os.path.basename(name))
+    return int(match.group(1)) % world if match else 0
+
+
+def _my_share(names: list[str]) -> list[str]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return [name for name in names if _owner(name, world) == _rank()]
+
+
+HASH_CHUNK_BYTES = 8 * 2**20
+
+
+def file_checksums(folder: str, names: list[str]) -> dict[str, str]:
+    """``{name: xxh3-64 hex digest}`` of the files ``names`` under ``folder``, read in 8 MiB chunks."""
+    digests = {}
+    for name in names:
+        hasher = xxhash.xxh3_64()
+        with open(os.path.join(folder, name), "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                hasher.update(chunk)
+        digests[name] = hasher.hexdigest()
+    return digests
+
+
+def checkpoint_problem(ckpt_dir: str, *, required: tuple[str, ...] = (), verify: str = "all") -> str | None:
     """Why ``ckpt_dir`` cannot be trusted (one phrase), or None when it is complete.
 
     A checkpoint with a manifest must hold every file it lists, at the listed size (a truncated or lost shard shows
-    up here, before megatron reads anything); one without (converted by an older version) needs its metadata.json.
-    ``required`` files must be listed in the manifest, so their absence makes a manifest mandatory."""
+    up here, before megatron reads anything) and, where the manifest has checksums, with the listed content;
+    one without a manifest (converted by an older version) needs its metadata.json. ``required`` files must be
+    listed in the manifest, so their absence makes a manifest mandatory. ``verify``: whose checksums this call
+    checks: ``all`` (one process), ``mine`` (this rank's share; :func:`verified_problem` gathers the verdicts),
+    or ``none`` (sizes only)."""
     if not os.path.isdir(ckpt_dir):
         return "does not exist"
     manifest_path = os.path.join(ckpt_dir, MANIFEST_FILE)
@@ -342,7 +406,10 @@ def checkpoint_problem(ckpt_dir: str, *, required: tuple[str, ...] = ()) -> str 
         return None if is_complete_checkpoint(ckpt_dir) else f"has no {METADATA_FILE}, so it is not a complete save"
     try:
         with open(manifest_path) as f:
-            files = json.load(f)["files"]
+            manifest = json.load(f)
+        files, checksums = manifest["files"], manifest.get("checksums") or {}
+        if checksums and manifest.get("checksum") != CHECKSUM:
+            return f"has a {MANIFEST_FILE} with {manifest.get('checksum')!r} checksums, which this version cannot check"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"has an unreadable {MANIFEST_FILE} ({error})"
     for name in required:
@@ -355,7 +422,25 @@ def checkpoint_problem(ckpt_dir: str, *, required: tuple[str, ...] = ()) -> str 
         actual = os.path.getsize(path)
         if actual != size:
             return f"has {name} truncated ({actual} of {size} bytes)"
+    to_check = {"all": sorted(checksums), "mine": _my_share(sorted(checksums)), "none": []}[verify]
+    try:
+        actual = file_checksums(ckpt_dir, to_check)
+    except OSError as error:
+        return f"has a file that cannot be read ({error})"
+    for name in to_check:
+        if actual[name] != checksums[name]:
+            return (f"has {name} damaged (its {CHECKSUM} checksum is {actual[name]}, the manifest says "
+                    f"{checksums[name]})")  # fmt: skip
     return None
+
+
+def verified_problem(ckpt_dir: str, *, required: tuple[str, ...] = ()) -> str | None:
+    """Collective :func:`checkpoint_problem`: each rank verifies its share of the checksums, every rank gets the
+    same verdict (the first problem by rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return checkpoint_problem(ckpt_dir, required=required)
+    problems = _all_gather(checkpoint_problem(ckpt_dir, required=required, verify="mine"))
+    return next((p for p in problems if p), None)
 
 
 def is_complete_checkpoint(ckpt_dir: str) -> bool:
@@ -368,7 +453,7 @@ def load_sharded(
     """Collective: load ``ckpt_dir`` into the shapes/shardings described by ``sharded_state_dict``."""
     from megatron.core import dist_checkpointing
 
-    problem = checkpoint_problem(ckpt_dir)
+    problem = verified_problem(ckpt_dir)
     if problem:
         raise InputError(
             f"{field}: {ckpt_dir} {problem}; point it at a complete folder written by tools/convert_hf_to_mcore.py or "
@@ -447,7 +532,8 @@ def resume_candidates(
     """The newest trustworthy checkpoint for ``trainer.resume=auto`` and why each newer one was passed over.
 
     Candidates are the `latest` one and those older than it (a folder newer than `latest` was renamed into place but
-    never published); each must pass :func:`checkpoint_problem` with the ``required`` files."""
+    never published); each must pass :func:`verified_problem` with the ``required`` files. Collective when
+    torch.distributed is up: every rank verifies its share of each candidate and all get the same answer."""
     newest = latest_step(checkpoints_dir)
     skipped = []
     for step in saved_steps(checkpoints_dir):
@@ -457,7 +543,7 @@ def resume_candidates(
         unreadable = unreadable_checkpoint(path)
         if unreadable:  # not damaged: passing over it would resume from an older one and later delete it
             raise InputError(f"trainer.resume=auto: {path} {unreadable}")
-        problem = checkpoint_problem(path, required=required)
+        problem = verified_problem(path, required=required)
         if problem is None:
             return path, skipped
         skipped.append(f"{os.path.basename(path)} {problem}")

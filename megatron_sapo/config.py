@@ -337,15 +337,24 @@ def _colocated_switches(config: Config, world_size: int) -> list[str]:
 
 def validate_config(config: Config, world_size: int, *, check_paths: bool = True, hf_config_dir: str | None = None):
     """The cross-field rules (each field's own range is checked by its dataclass or here)."""
+    from megatron_sapo.hub import parse_hub_id, resolve_model_path
     from megatron_sapo.models import load_arch, transformer_engine_usable
     from megatron_sapo.parallel.layout import validate_layout
 
     actor, megatron, data, trainer = config.actor, config.actor.megatron, config.data, config.trainer
+    # Hub ids (org/name[@revision]): their config files now, for the checks below; the weights once all passed.
+    hub_models = [(key, model, model.path) for key, model in (("model.path", config.model),
+                  ("critic.model.path", config.critic.model)) if parse_hub_id(model.path or "")]  # fmt: skip
+    if hf_config_dir is not None and not check_paths:
+        hub_models = []  # the planner, with the model's config.json at hand
+    for key, model, hub_id in hub_models:
+        model.path = resolve_model_path(hub_id, field=key, config_only=True)
     if check_paths:
         _check(
             bool(config.model.path), "model.path is empty: set it to an HF checkpoint folder (config.json, tokenizer)"
         )
-        _check(os.path.isdir(config.model.path), f"model.path={config.model.path}: no such folder")
+        _check(os.path.isdir(config.model.path), f"model.path={config.model.path}: no such folder, and not a Hub id "
+               "(org/name[@revision]); point it at an HF checkpoint folder")  # fmt: skip
         _check(bool(data.train_files), "data.train_files is empty: list one or more .jsonl/.parquet prompt files")
         for split in ("train", "val"):
             for file in getattr(data, f"{split}_files"):
@@ -435,6 +444,8 @@ def validate_config(config: Config, world_size: int, *, check_paths: bool = True
         _check(0 <= value <= 1, f"algorithm.{key}={value}: must be in [0, 1]")
     if config.use_critic:
         _validate_critic(config, dp, arch, check_paths=check_paths)
+    for key, model, hub_id in hub_models if check_paths else ():
+        model.path = resolve_model_path(hub_id, field=key)
 
 
 # The critic.* settings that take the actor's value when null (verl interpolates them from the actor's).
@@ -540,7 +551,10 @@ def _validate_mismatch_control(config: Config) -> None:
 def save_resolved_config(config: Config, output_dir: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "config.yaml")
+    saved = OmegaConf.structured(config)
+    if saved.rollout.api_key:
+        saved.rollout.api_key = "***"  # a secret: the rerun takes it from $MEGATRON_SAPO_ROLLOUT_API_KEY or the CLI
     with open(path + ".tmp", "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.structured(config)))
+        f.write(OmegaConf.to_yaml(saved))
     os.replace(path + ".tmp", path)
     return path

@@ -107,6 +107,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megatron_sapo.errors import InputError
+from megatron_sapo.hub import parse_hub_id, resolve_model_path
 from megatron_sapo.models import ModelArch, load_arch
 from megatron_sapo.parallel.layout import ParallelLayout
 
@@ -742,6 +743,8 @@ def resolve_hf_config_dir(config_path: str, overrides: list[str], hf_config: str
     recipe_dir = os.path.join(os.path.dirname(os.path.abspath(config_path)), RECIPE_HF_CONFIG_DIR)
     if os.path.isfile(os.path.join(recipe_dir, "config.json")):
         return recipe_dir
+    if model_path and parse_hub_id(model_path):
+        return resolve_model_path(model_path, config_only=True)  # the Hub's config.json, cached
     raise InputError(
         f"model.path={model_path!r} has no config.json on this machine; pass --hf-config DIR with the model's "
         "config.json (e.g. recipes/qwen3_30b_a3b/hf_config)"

@@ -38,13 +38,13 @@ from megatron_sapo.checkpoint import (
     METADATA_FILE,
     TRAINER_STATE_FILE,
     checkpoint_bytes,
-    checkpoint_problem,
     latest_step,
     publish_latest,
     remove_partial_saves,
     resume_candidates,
     save_sharded,
     step_dir,
+    verified_problem,
 )
 from megatron_sapo.config import Config, resolve_total_steps, save_resolved_config
 from megatron_sapo.critic import MegatronCritic
@@ -66,6 +66,7 @@ from megatron_sapo.parallel.mcore_compat import unreadable_checkpoint
 from megatron_sapo.parallel.state import initialize_model_parallel, is_rank0
 from megatron_sapo.rewards import RewardManager, RewardSample
 from megatron_sapo.rewards.dynamic_sampling import fill_batch
+from megatron_sapo.rollout.auth import run_api_key
 from megatron_sapo.rollout.engine import RolloutEngine
 
 logger = logging.getLogger("megatron_sapo")
@@ -110,17 +111,19 @@ def train(config: Config, data: RunData | None = None) -> str:
 
     # The rollout engine starts on a GPU the trainer has cleared (colocated runs offload it).
     _offload(trained)
-    node_servers = _launch_this_nodes_sglang(config, out)
+    api_key = _rollout_api_key(config)
+    node_servers = _launch_this_nodes_sglang(config, out, api_key)
     engine = rewards = metrics_log = None
     if is_rank0():
         engine = RolloutEngine(config.rollout, model_path=config.model.path, eos_token_id=tokenizer.eos_token_id,
-                               log_dir=os.path.join(out, "rollout_logs"))  # fmt: skip
+                               log_dir=os.path.join(out, "rollout_logs"), api_key=api_key)  # fmt: skip
         rewards = RewardManager(config.reward)
         metrics_log = MetricsLogger(out, resume_step=start_step, tensorboard=config.trainer.tensorboard,
                                     wandb_project=config.trainer.wandb_project)  # fmt: skip
     if resume_from:  # the engine loaded model.path; it needs the resumed policy
         actor.reload()
-        _sync_weights(actor, engine, config, version=_policy_version(config, start_step))
+        _everyone_or_fail(functools.partial(_sync_weights, actor, engine, config,
+                                            version=_policy_version(config, start_step)), engine)  # fmt: skip
         actor.offload()
     ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if overlap and is_rank0() else None
     pending = None  # one_step_off, rank 0: the Future of the next step's batch
@@ -481,17 +484,29 @@ def _engine_memory(engine, config: Config, *, release: bool = False, tags: list[
         engine.resume_memory(tags)
 
 
-def _launch_this_nodes_sglang(config: Config, out: str) -> list:
+def _multi_node_sglang(config: Config) -> bool:
+    return config.rollout.backend == "sglang" and config.rollout.num_nodes > 1
+
+
+def _rollout_api_key(config: Config) -> str | None:
+    """Collective: the rollout servers' API key (rollout/auth.py), made on rank 0; the first process of every node
+    gets it too when SGLang servers span nodes (each node launches its own). None: the engine makes its own."""
+    if not _multi_node_sglang(config):
+        return None
+    return _broadcast(run_api_key(config.rollout.api_key, launched=True) if is_rank0() else None)
+
+
+def _launch_this_nodes_sglang(config: Config, out: str, api_key: str | None) -> list:
     """Multi-node SGLang: rank 0's engine starts node 0's servers; the first process of every other node starts
     that node's (rank 0 then waits until all of them serve)."""
     from megatron_sapo.rollout.sglang import launch_node
 
     node_rank, local_rank = int(os.environ.get("GROUP_RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if config.rollout.backend != "sglang" or config.rollout.num_nodes < 2 or node_rank == 0 or local_rank != 0:
+    if not _multi_node_sglang(config) or node_rank == 0 or local_rank != 0:
         return []
     log_dir = os.path.join(out, "rollout_logs")
     os.makedirs(log_dir, exist_ok=True)
-    return launch_node(config.rollout, config.model.path, node_rank, log_dir)
+    return launch_node(config.rollout, config.model.path, node_rank, log_dir, api_key=api_key)
 
 
 # Ranks 1..N-1 wait here for the whole rollout; on gloo they wait on the CPU instead of inside an NCCL kernel
@@ -626,7 +641,8 @@ def _save(trained: list, stream: PromptStream, step: int, checkpoints: str, conf
 
 
 def _resume_checkpoint(config: Config, checkpoints: str) -> str | None:
-    """Collective: the checkpoint to resume from, chosen on rank 0 after verifying it against its manifest.
+    """Collective: the checkpoint to resume from, verified against its manifest (sizes and checksums, each rank
+    its share of the files), the same choice on every rank.
 
     ``trainer.resume=auto`` passes over a damaged newest checkpoint to the newest complete one, with one warning
     line; a named checkpoint that fails the check is one error line. With GAE the checkpoint must hold the critic
@@ -638,22 +654,23 @@ def _resume_checkpoint(config: Config, checkpoints: str) -> str | None:
     choice: tuple[str | None, str | None] = (None, None)  # (checkpoint, error)
     if is_rank0():
         remove_partial_saves(checkpoints)
-        if resume == "auto":
-            try:
-                path, skipped = resume_candidates(checkpoints, required)
-            except InputError as error:  # a checkpoint of another megatron-core: not passed over (see there)
-                path, skipped, choice = None, [], (None, str(error))
-            if path and skipped:
-                logger.warning("trainer.resume=auto: passed over %s; resuming from %s", "; ".join(skipped), path)
-            if choice[1] is None:
-                choice = (path, None) if path or not skipped else (
-                    None, f"trainer.resume=auto: no complete checkpoint in {checkpoints} ({'; '.join(skipped)}); set "
-                          "trainer.resume=disable to start over or name a checkpoint")  # fmt: skip
-        else:
-            problem = checkpoint_problem(resume, required=required) or unreadable_checkpoint(resume)
-            choice = (None, f"trainer.resume={resume}: the checkpoint {problem}; name a complete one (or use auto)") \
-                if problem else (resume, None)  # fmt: skip
-    path, error = _broadcast(choice)
+    dist.barrier()
+    if resume == "auto":
+        try:
+            path, skipped = resume_candidates(checkpoints, required)
+        except InputError as error:  # a checkpoint of another megatron-core: not passed over (see there)
+            path, skipped, choice = None, [], (None, str(error))
+        if path and skipped and is_rank0():
+            logger.warning("trainer.resume=auto: passed over %s; resuming from %s", "; ".join(skipped), path)
+        if choice[1] is None:
+            choice = (path, None) if path or not skipped else (
+                None, f"trainer.resume=auto: no complete checkpoint in {checkpoints} ({'; '.join(skipped)}); set "
+                      "trainer.resume=disable to start over or name a checkpoint")  # fmt: skip
+    else:
+        problem = verified_problem(resume, required=required) or unreadable_checkpoint(resume)
+        choice = (None, f"trainer.resume={resume}: the checkpoint {problem}; name a complete one (or use auto)") \
+            if problem else (resume, None)  # fmt: skip
+    path, error = _broadcast(choice)  # rank 0's word, should a rank have seen the folders otherwise
     if error:
         raise InputError(error)
     return path

@@ -63,6 +63,7 @@ LEFT_TO_THE_016_LEG = (
     "test_rollout_weights.py::test_tensor_update_in_one_process_generates_like_a_fresh_server",
     "test_rollout_weights.py::test_the_server_holds_the_trainer_to_sglangs_order",
     "test_rollout_weights.py::test_a_refused_broadcast_bucket_fails_clearly_and_the_next_update_works",
+    "test_rollout_weights.py::test_without_the_runs_api_key_weight_updates_are_refused_and_nothing_changes",
     "test_trainer.py::test_other_layouts_agree_with_expert_parallel_reference",
     "test_trainer.py::test_offloaded_run_equals_reference",
     "test_trainer.py::test_bad_config_exits_before_any_work",

@@ -181,18 +181,33 @@ def test_sigkill_of_one_rank_leaves_nothing_running(killed_run):
     assert open(os.path.join(checkpoints, "latest")).read().strip() == "iter_0000002"
     assert checkpoint_problem(step_dir(checkpoints, 2), required=("trainer_state.json",)) is None
     assert not [name for name in os.listdir(checkpoints) if name.endswith((".tmp", ".old"))]
+    # Every file's content is on record (both ranks' shards among them), not only its size.
+    manifest = json.load(open(os.path.join(step_dir(checkpoints, 2), "manifest.json")))
+    assert manifest["checksum"] == "xxh3_64" and sorted(manifest["checksums"]) == sorted(manifest["files"])
+    assert {"__0_0.distcp", "__1_0.distcp", "trainer_state.json"} <= set(manifest["checksums"])
 
 
 def _shard(ckpt_dir: str) -> str:
     return sorted(name for name in os.listdir(ckpt_dir) if name.endswith(".distcp"))[-1]
 
 
+def _flip_middle_byte(path: str) -> None:
+    """One bit of the byte in the middle of the file inverted: same size, damaged content."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+
+
 DAMAGES = {
+    "flipped_byte_in_shard": lambda ckpt: _flip_middle_byte(os.path.join(ckpt, _shard(ckpt))),
     "truncated_shard": lambda ckpt: os.truncate(os.path.join(ckpt, _shard(ckpt)), 1000),
     "deleted_shard": lambda ckpt: os.remove(os.path.join(ckpt, _shard(ckpt))),
     "deleted_trainer_state": lambda ckpt: os.remove(os.path.join(ckpt, "trainer_state.json")),
 }
-EXPECTED_PROBLEM = {"truncated_shard": "truncated (1000 of", "deleted_shard": "lacks __", "deleted_trainer_state":
+EXPECTED_PROBLEM = {"flipped_byte_in_shard": "damaged (its xxh3_64 checksum is",
+                    "truncated_shard": "truncated (1000 of", "deleted_shard": "lacks __", "deleted_trainer_state":
                     "lacks trainer_state.json"}  # fmt: skip
 
 
@@ -208,13 +223,15 @@ def test_damaged_checkpoint_is_passed_over(damage, killed_run, tmp_path):
 
 
 def test_resume_auto_falls_back_with_one_warning_and_continues_exactly(killed_run, inputs, tmp_path):
-    """iter_2 has a truncated shard: the resumed run starts from iter_1, says so once, and redoes step 2 exactly."""
+    """iter_2 has one byte flipped in the middle of a shard (right size, wrong content): the resumed run starts from
+    iter_1, says so once, and redoes step 2 exactly."""
     out = killed_run["out"]
-    DAMAGES["truncated_shard"](step_dir(os.path.join(out, "checkpoints"), 2))
+    DAMAGES["flipped_byte_in_shard"](step_dir(os.path.join(out, "checkpoints"), 2))
     run = Run(_overrides(inputs, out, "trainer.total_steps=2"), str(tmp_path / "logs"))
     assert run.wait() == 0, run.stderr[-6000:]
     warnings = [line for line in run.stderr.splitlines() if "passed over" in line]
-    assert len(warnings) == 1 and "iter_0000002 has __" in warnings[0] and "resuming from" in warnings[0], warnings
+    assert len(warnings) == 1 and "iter_0000002 has __" in warnings[0], warnings
+    assert "damaged" in warnings[0] and "resuming from" in warnings[0], warnings
     resumed, original = _metrics(out), killed_run["metrics"]
     assert sorted(resumed) == [1, 2]
     for key, value in original[2].items():
@@ -227,12 +244,13 @@ def test_named_damaged_checkpoint_is_one_error_line(killed_run, inputs, tmp_path
     checkpoints = str(tmp_path / "checkpoints")
     shutil.copytree(killed_run["pristine"], checkpoints)
     damaged = step_dir(checkpoints, 2)
-    DAMAGES["deleted_shard"](damaged)
+    DAMAGES["flipped_byte_in_shard"](damaged)
     out = str(tmp_path / "run")
     run = Run(_overrides(inputs, out, f"trainer.resume={damaged}"), str(tmp_path / "logs"))
     assert run.wait() != 0
     errors = _error_lines(run.stderr)
-    assert len(errors) == 1 and errors[0].startswith(f"error: trainer.resume={damaged}: the checkpoint lacks __")
+    assert len(errors) == 1 and errors[0].startswith(f"error: trainer.resume={damaged}: the checkpoint has __"), errors
+    assert "damaged (its xxh3_64 checksum is" in errors[0]
     assert not _rank_tracebacks(run.stderr)
     assert "exitcode  : 2" in run.stderr
 

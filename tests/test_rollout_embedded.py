@@ -3,13 +3,12 @@ and log-probs checked against transformers recomputing them from scratch."""
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 
 import pytest
 import torch
-from http_json import post_json
+from http_json import get_json, post_json, trust
 
 from megatron_sapo.rollout import RolloutConfig, RolloutEngine, RolloutError, SamplingParams
 from megatron_sapo.rollout.client import sample_seed
@@ -21,7 +20,7 @@ PROMPTS = [[1, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37
 def engine(tiny_hf_dir):
     config = RolloutConfig(backend="embedded", n=4, max_new_tokens=16, max_retries=3, retry_backoff_s=1.0)
     with RolloutEngine(config, model_path=tiny_hf_dir, eos_token_id=5) as engine:
-        yield engine
+        yield trust(engine)
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +208,9 @@ def test_health_info_flush_and_memory_release(engine):
     for path in ("/health", "/health_generate"):
         assert urllib.request.urlopen(url + path, timeout=30).status == 200
     for path in ("/model_info", "/get_model_info"):  # the second is 0.5.23's deprecated name
-        info = json.loads(urllib.request.urlopen(url + path).read())
+        info = get_json(url, path)
         assert info["is_generation"] is True and info["model_path"].endswith(engine.model_path.rstrip("/"))
-    info = json.loads(urllib.request.urlopen(url + "/server_info").read())
+    info = get_json(url, "/server_info")
     assert (info["tp_size"], info["dp_size"], info["pp_size"]) == (1, 1, 1)
     engine.flush_cache()
 

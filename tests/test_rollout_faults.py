@@ -4,6 +4,7 @@ configured timeouts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -223,3 +224,34 @@ def test_an_embedded_server_that_cannot_start_is_reported_with_its_log(tmp_path)
                       log_dir=str(logs))  # fmt: skip
     assert "no_such_model" in (logs / "embedded.log").read_text()  # kept for a look
     assert time.monotonic() - start < 60
+
+
+def test_an_external_server_killed_during_a_distributed_sync_is_one_line_naming_it(tiny_hf_dir, caplog):
+    """The server is SIGKILLed while the trainer side broadcasts a bucket over the gloo group: the sync ends in one
+    RolloutError naming the server (not gloo's "Connection reset by peer"), with no further warnings."""
+    import os
+    import signal
+
+    from megatron_sapo.rollout.hf_weights import iter_safetensors
+
+    server = RolloutEngine(RolloutConfig(backend="embedded"), model_path=tiny_hf_dir)
+    try:
+        config = RolloutConfig(backend="external", urls=server.urls, api_key=server.api_key, weight_sync="distributed",
+                               bucket_size_mb=0.05, weight_sync_timeout_s=60)  # fmt: skip
+        with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
+            def tensors():
+                for index, named in enumerate(iter_safetensors(tiny_hf_dir)):
+                    if index == 20:  # a few buckets in
+                        os.kill(server.processes[0].process.pid, signal.SIGKILL)
+                    yield named
+
+            caplog.clear()
+            with pytest.raises(RolloutError) as failed:
+                trainer_side.update_weights(tensors())
+    finally:
+        server.shutdown()
+    message = str(failed.value)
+    assert message.startswith("broadcasting weights to the rollout servers failed: rollout server "
+                              f"{server.urls[0]} does not answer its health check"), message  # fmt: skip
+    assert "\n" not in message and "gloo" not in message
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from http_json import post_json
+from http_json import post_json, trust
 
 from megatron_sapo.rollout.decode import DecodeRequest, decode_batch
 from megatron_sapo.rollout.server import ABORTED, ABORTED_WAITING, Live, ModelWorker, load_model, weight_version_spans
@@ -89,7 +89,7 @@ def test_http_pause_holds_new_requests_until_continue_and_abort_by_rid(tiny_hf_d
 
     config = RolloutConfig(backend="embedded", n=1, max_new_tokens=8)
     with RolloutEngine(config, model_path=tiny_hf_dir, eos_token_id=5) as engine:
-        url = engine.urls[0]
+        url = trust(engine).urls[0]
         assert post_json(url, "/pause_generation", {"mode": "in_place"}) == (
             200, {"message": "Generation paused successfully.", "status": "ok"},
         )  # fmt: skip

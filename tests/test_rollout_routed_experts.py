@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from http_json import post_json
+from http_json import post_json, trust
 
 from megatron_sapo.models.routing_replay import decode_routed_experts
 from megatron_sapo.rollout import RolloutConfig, RolloutEngine
@@ -24,7 +24,7 @@ SGLANG_SRC = "/tmp/sglang/src/sglang/srt"
 @pytest.fixture(scope="module")
 def engine(tiny_hf_dir):
     config = RolloutConfig(backend="embedded", n=2, max_new_tokens=9, enable_return_routed_experts=True)
-    with RolloutEngine(config, model_path=tiny_hf_dir, eos_token_id=5) as engine:
+    with trust(RolloutEngine(config, model_path=tiny_hf_dir, eos_token_id=5)) as engine:
         yield engine
 
 

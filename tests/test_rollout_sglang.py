@@ -11,6 +11,7 @@ import stat
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -25,7 +26,7 @@ from megatron_sapo.rollout.client import (
 )
 from megatron_sapo.rollout.config import RolloutConfig
 from megatron_sapo.rollout.process import http_status, server_env, wait_until_serving
-from megatron_sapo.rollout.sglang import launch_node, plan_servers, server_urls
+from megatron_sapo.rollout.sglang import SGLANG_ENTRY, launch_node, plan_servers, server_urls
 from megatron_sapo.rollout.weight_sync import resolve_weight_sync
 
 PY = sys.executable
@@ -49,6 +50,7 @@ class StubServer:
 
         self.respond = respond
         self.requests: list[tuple[str, str, object]] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -58,6 +60,7 @@ class StubServer:
         async def handle(request):
             body = await request.json() if request.can_read_body else None
             self.requests.append((request.method, request.path, body))
+            self.authorizations.append(request.headers.get("Authorization"))
             status, reply = self.respond(request.path, body, len(self.requests))
             if isinstance(reply, str):
                 return web.Response(status=status, text=reply)
@@ -108,7 +111,7 @@ def test_single_node_layout_two_servers_with_their_own_gpus_and_ports():
         (1, 0, "http://127.0.0.1:30001"),
     ]
     assert launches[1].argv == [
-        PY, "-m", "sglang.launch_server", "--model-path", "/ckpt/qwen3", "--host", "127.0.0.1", "--port", "30001",
+        PY, SGLANG_ENTRY, "--model-path", "/ckpt/qwen3", "--host", "127.0.0.1", "--port", "30001",
         "--tp-size", "4", "--mem-fraction-static", "0.7", "--base-gpu-id", "4", "--ep-size", "4",
     ]  # fmt: skip
     assert launches[0].argv[launches[0].argv.index("--base-gpu-id") + 1] == "0"
@@ -142,7 +145,7 @@ def test_sglang_interpreter_and_data_parallel_flags():
     config = RolloutConfig(backend="sglang", tp_size=2, dp_size=2, gpus_per_node=4, port=31000, weight_sync="disk",
                            sglang_python="/opt/sglang/bin/python")  # fmt: skip
     (launch,) = plan_servers(config, "/ckpt")
-    assert launch.argv[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"]
+    assert launch.argv[:2] == ["/opt/sglang/bin/python", SGLANG_ENTRY]
     assert launch.argv[launch.argv.index("--dp-size") + 1] == "2" and "--ep-size" not in launch.argv
 
 
@@ -270,26 +273,41 @@ def test_servers_environment_drops_expandable_segments(monkeypatch):
 # --- the launcher's processes --------------------------------------------------------------------------------------
 
 FAKE_SGLANG = """#!{python}
-# Stands in for an interpreter with sglang: "-m sglang.launch_server ARGS" starts the embedded server instead,
-# with the same --model-path/--host/--port, and records the command line it was given.
-import argparse, json, os, sys
-assert sys.argv[1:3] == ["-m", "sglang.launch_server"], sys.argv
+# Stands in for an interpreter with sglang: runs the launcher's entry file with a fake "sglang" package first on
+# the path (FAKE_LAUNCH_SERVER), so the entry file's key handling and output redaction run for real.
+import os, sys
+assert sys.argv[1] == {entry!r}, sys.argv
+env = dict(os.environ, PYTHONPATH={site!r} + os.pathsep + os.environ.get("PYTHONPATH", ""))
+os.execve({python!r}, [{python!r}, *sys.argv[1:]], env)
+"""
+
+FAKE_LAUNCH_SERVER = """
+# sglang.launch_server as far as the launcher can tell: takes SGLang's flags, records its command line and
+# environment, logs its server arguments with the API key in them (as SGLang 0.5.23 does), and serves through the
+# embedded server (with the same --model-path/--host/--port/--api-key).
+import argparse, json, os, subprocess, sys
 parser = argparse.ArgumentParser()
-for flag in ("--model-path", "--host", "--port", "--tp-size", "--base-gpu-id", "--mem-fraction-static"):
+for flag in ("--model-path", "--host", "--port", "--tp-size", "--base-gpu-id", "--mem-fraction-static", "--api-key"):
     parser.add_argument(flag)
-args, _ = parser.parse_known_args(sys.argv[3:])
-with open(os.path.join({record!r}, "argv-" + args.port), "w") as f:
-    json.dump(sys.argv, f)
-with open(os.path.join({record!r}, "alloc-conf-" + args.port), "w") as f:
-    json.dump(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), f)
-os.execv({python!r}, [{python!r}, "-m", "megatron_sapo.rollout.server", "--model-path", args.model_path,
-                      "--host", args.host, "--port", args.port, "--log-level", "warning"])
+args, _ = parser.parse_known_args(sys.argv[1:])
+record = {{"argv": sys.argv, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+          "key_in_env": "MEGATRON_SAPO_ROLLOUT_API_KEY" in os.environ}}
+with open(os.path.join({record!r}, "launch-" + args.port), "w") as f:
+    json.dump(record, f)
+print(f"server_args=ServerArgs(model_path={{args.model_path!r}}, api_key={{args.api_key!r}})", flush=True)
+command = [{python!r}, "-m", "megatron_sapo.rollout.server", "--model-path", args.model_path, "--host", args.host,
+           "--port", args.port, "--log-level", "warning"] + (["--api-key", args.api_key] if args.api_key else [])
+sys.exit(subprocess.call(command))
 """
 
 
 def fake_sglang_python(tmp_path) -> str:
+    site = tmp_path / "fake-sglang-site"
+    (site / "sglang").mkdir(parents=True)
+    (site / "sglang" / "__init__.py").write_text("")
+    (site / "sglang" / "launch_server.py").write_text(FAKE_LAUNCH_SERVER.format(python=PY, record=str(tmp_path)))
     path = tmp_path / "python-with-sglang"
-    path.write_text(FAKE_SGLANG.format(python=PY, record=str(tmp_path)))
+    path.write_text(FAKE_SGLANG.format(python=PY, entry=SGLANG_ENTRY, site=str(site)))
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return str(path)
 
@@ -335,12 +353,19 @@ def test_sglang_backend_launches_every_server_and_syncs_them_all_in_one_group(ti
     try:
         assert len(engine.urls) == 2 and engine.ranks_per_server == [1, 1]
         assert engine.weight_sync_mode == "distributed"
-        for index, url in enumerate(engine.urls):
-            with open(tmp_path / f"argv-{url.rsplit(':', 1)[1]}") as f:
-                argv = json.load(f)
+        key = engine.api_key
+        assert key and len(key) >= 32
+        for index, (url, server) in enumerate(zip(engine.urls, engine.processes)):
+            with open(tmp_path / f"launch-{url.rsplit(':', 1)[1]}") as f:
+                launched = json.load(f)
+            argv = launched["argv"]
             assert argv[argv.index("--base-gpu-id") + 1] == str(index) and argv[argv.index("--tp-size") + 1] == "1"
-            with open(tmp_path / f"alloc-conf-{url.rsplit(':', 1)[1]}") as f:
-                assert json.load(f) == "max_split_size_mb:64"
+            assert launched["alloc_conf"] == "max_split_size_mb:64"
+            # SGLang got the key as --api-key, which neither its environment nor any command line shows.
+            assert argv[argv.index("--api-key") + 1] == key and not launched["key_in_env"]
+            assert key not in open(f"/proc/{server.process.pid}/cmdline").read()
+            log = open(server.log_path).read()
+            assert "api_key='***'" in log and key not in log, log[-2000:]
         params = engine.sampling_params(temperature=0.0, ignore_eos=True)
         assert [g[0].response_ids for g in engine.generate([prompt] * 4, n=1, sampling=params)] == [original] * 4
 
@@ -348,10 +373,13 @@ def test_sglang_backend_launches_every_server_and_syncs_them_all_in_one_group(ti
         assert stats.tensors == 87 and stats.buckets > 1
         assert engine._sync.group.size() == 3
         assert [g[0].response_ids for g in engine.generate([prompt] * 4, n=1, sampling=params)] == [scaled] * 4
-        for url in engine.urls:  # each server on its own
+        for url in engine.urls:  # each server on its own: only with the run's key
             body = json.dumps({"input_ids": prompt, "sampling_params": params.to_sglang()}).encode()
-            reply = urllib.request.urlopen(urllib.request.Request(url + "/generate", data=body), timeout=60)
-            assert json.loads(reply.read())["output_ids"] == scaled
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url + "/generate", data=body), timeout=60)
+            assert refused.value.code == 401 and json.loads(refused.value.read()) == {"error": "Unauthorized"}
+            request = urllib.request.Request(url + "/generate", data=body, headers={"Authorization": f"Bearer {key}"})
+            assert json.loads(urllib.request.urlopen(request, timeout=60).read())["output_ids"] == scaled
         processes, urls = list(engine.processes), list(engine.urls)
     finally:
         engine.shutdown()

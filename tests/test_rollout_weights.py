@@ -9,11 +9,13 @@ import shutil
 
 import pytest
 import torch
-from http_json import post_json
+from http_json import post_json, trust
 from torchrun import torchrun
 
+from megatron_sapo.errors import InputError
 from megatron_sapo.rollout import RolloutConfig, RolloutEngine, RolloutError
 from megatron_sapo.rollout.hf_weights import HFWeightWriter, iter_safetensors, safetensors_files
+from megatron_sapo.rollout.process import http_status
 from megatron_sapo.rollout.weight_sync import iter_buckets
 
 PROMPTS = [[1, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38]]
@@ -43,7 +45,7 @@ def perturbed_dir(tiny_hf_dir, tmp_path_factory):
 
 def start(model_path: str, **fields) -> RolloutEngine:
     config = RolloutConfig(backend="embedded", max_new_tokens=12, bucket_size_mb=BUCKET_MB, **fields)
-    return RolloutEngine(config, model_path=model_path, eos_token_id=5)
+    return trust(RolloutEngine(config, model_path=model_path, eos_token_id=5))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,8 @@ def test_update_broadcast_from_two_trainer_ranks_generates_like_a_fresh_server(s
     server.update_weights(iter_safetensors(tiny_hf_dir))  # back to the original weights, from disk
     assert_same_generations(generations(server), baseline)
 
-    result = torchrun("rollout_weight_sync.py", "--url", server.urls[0], "--hf-dir", perturbed_dir,
+    result = torchrun("rollout_weight_sync.py", "--url", server.urls[0], "--api-key", server.api_key,
+                      "--hf-dir", perturbed_dir,
                       "--bucket-kb", "64", nproc=2, timeout=300)  # fmt: skip
     assert result["world_size"] == 2 and result["ranks_per_server"] == [1]
     assert result["default_group_sums"] == [3.0, 3.0]
@@ -216,7 +219,8 @@ def test_colocated_trainer_ranks_hand_their_server_ranks_tensor_handles(fresh, t
 
 def test_tensor_update_in_one_process_generates_like_a_fresh_server(server, fresh, tiny_hf_dir, perturbed_dir):
     """A one-process trainer colocated with a TP-1 server (weight_sync=tensor, external): the same generations."""
-    config = RolloutConfig(backend="external", urls=server.urls, weight_sync="tensor", bucket_size_mb=BUCKET_MB)
+    config = RolloutConfig(backend="external", urls=server.urls, api_key=server.api_key, weight_sync="tensor",
+                           bucket_size_mb=BUCKET_MB)  # fmt: skip
     with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
         stats = trainer_side.update_weights(iter_safetensors(perturbed_dir), weight_version="tensor-1")
     assert stats.tensors == 87 and stats.buckets >= 10
@@ -251,7 +255,8 @@ def test_the_server_holds_the_trainer_to_sglangs_order(server, baseline, tiny_hf
     finally:
         assert post_json(url, "/end_weight_update", {})[0] == 200
 
-    config = RolloutConfig(backend="external", urls=server.urls, weight_sync="tensor", bucket_size_mb=BUCKET_MB)
+    config = RolloutConfig(backend="external", urls=server.urls, api_key=server.api_key, weight_sync="tensor",
+                           bucket_size_mb=BUCKET_MB)  # fmt: skip
     with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
         bad = [("model.norm.weight", torch.ones(64)), ("model.layers.0.mlp.not_a_weight", torch.ones(4))]
         message = r"update_weights_from_tensor: HTTP 400: Failed to update weights from tensors: model.layers.0.mlp"
@@ -263,7 +268,8 @@ def test_the_server_holds_the_trainer_to_sglangs_order(server, baseline, tiny_hf
 
 
 def test_a_refused_broadcast_bucket_fails_clearly_and_the_next_update_works(server, baseline, tiny_hf_dir):
-    config = RolloutConfig(backend="external", urls=server.urls, weight_sync="distributed", bucket_size_mb=BUCKET_MB,
+    config = RolloutConfig(backend="external", urls=server.urls, api_key=server.api_key, weight_sync="distributed",
+                           bucket_size_mb=BUCKET_MB,
                            weight_sync_timeout_s=60)  # fmt: skip
     with RolloutEngine(config, model_path=tiny_hf_dir) as trainer_side:
         bad = [("model.norm.weight", torch.ones(64)), ("model.layers.0.mlp.not_a_weight", torch.ones(4))]
@@ -297,3 +303,35 @@ def test_megatron_export_of_a_tied_dense_model_updates_the_server(family, tiny_m
                 for a, b in zip(x, y, strict=True))  # fmt: skip
     assert worst <= 1e-5, worst
     assert {v for _, _, v in after} == {"megatron-1"}
+
+
+@pytest.mark.parametrize("weight_sync", ["disk", "distributed"])
+def test_without_the_runs_api_key_weight_updates_are_refused_and_nothing_changes(server, baseline, perturbed_dir,
+                                                                                 tiny_hf_dir, weight_sync, tmp_path):
+    """The embedded server launched with a per-run key, as SGLang with --api-key: another client (no key, a wrong
+    key) gets SGLang's 401 for generation and every weight-update call, and the served weights stay as they were."""
+    for key in (None, "not-the-key"):
+        config = RolloutConfig(backend="external", urls=server.urls, api_key=key, weight_sync=weight_sync,
+                               weight_sync_dir=str(tmp_path / "w"), max_retries=0)  # fmt: skip
+        with pytest.raises((RolloutError, InputError), match=r"HTTP 401: the server refused this run's API key"):
+            with RolloutEngine(config, model_path=tiny_hf_dir) as intruder:
+                intruder.update_weights(iter_safetensors(perturbed_dir))
+        status, reply = _unkeyed_generate(server.urls[0], key)
+        assert (status, reply) == (401, {"error": "Unauthorized"})
+    assert_same_generations(generations(server), baseline)
+    assert http_status(server.urls[0] + "/health") == 200  # probes need no key, as in SGLang
+
+
+def _unkeyed_generate(url: str, key: str | None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url + "/generate", data=json.dumps({"input_ids": [1, 2, 3]}).encode(),
+                                     headers=headers)  # fmt: skip
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    return 200, None

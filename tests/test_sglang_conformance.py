@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import dataclasses
 import io
 import os
@@ -29,7 +30,7 @@ from test_rollout_sglang import StubServer, sglang_reply
 
 from megatron_sapo.rollout.client import RolloutClient, SamplingParams, generate_payload
 from megatron_sapo.rollout.config import RolloutConfig
-from megatron_sapo.rollout.sglang import plan_servers
+from megatron_sapo.rollout.sglang import SGLANG_ENTRY, plan_servers
 from megatron_sapo.rollout.weight_sync import _TensorUnpickler, pack_bucket, serialize_named_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +89,10 @@ def source(wheel: zipfile.ZipFile, path: str) -> str:
 
 
 def tree(wheel: zipfile.ZipFile, path: str) -> ast.Module:
-    return ast.parse(source(wheel, path))
+    # Parsed on a fresh thread: CPython 3.11.7's ast module can raise "SystemError: AST constructor recursion depth
+    # mismatch" when called deep in a stack (CPython gh-106905; seen once in the full suite, never alone).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(ast.parse, source(wheel, path)).result()
 
 
 def classes(module: ast.Module) -> dict[str, ast.ClassDef]:
@@ -130,7 +134,7 @@ def client_requests() -> list[tuple[str, str, object]]:
         return 200, {"success": True, "message": "ok", "num_paused_requests": 0}
 
     stub = StubServer(respond)
-    client = RolloutClient([stub.url], max_retries=0)
+    client = RolloutClient([stub.url], max_retries=0, api_key=CONFORMANCE_KEY)
     everything = every_sampling_option()
     calls = {
         "generate": lambda: client.generate([1, 2, 3], everything),
@@ -171,7 +175,69 @@ def client_requests() -> list[tuple[str, str, object]]:
         asyncio.new_event_loop().run_until_complete(run_all())
     finally:
         stub.close()
-    return stub.requests
+    recorded = Recorded(stub.requests)
+    recorded.authorizations = stub.authorizations
+    return recorded
+
+
+CONFORMANCE_KEY = "conformance-key-0123456789"
+
+
+class Recorded(list):
+    authorizations: list
+
+
+# --- API keys: srt/utils/auth.py (pure, stdlib only), the middleware in entrypoints/http_server.py ------------------
+
+
+def sglang_auth(wheel):
+    """The wheel's ``srt/utils/auth.py`` as a module (it imports only the standard library at its top level, as its
+    docstring promises, so that its pure ``decide_request_auth`` can be run here)."""
+    import types
+
+    text = source(wheel, "sglang/srt/utils/auth.py")
+    module = types.ModuleType("sglang_auth_from_the_wheel")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    try:
+        exec(compile(text, "sglang/srt/utils/auth.py", "exec"), module.__dict__)  # noqa: S102
+    finally:
+        del sys.modules[module.__name__]
+    return module, text
+
+
+def test_the_api_key_rule_is_sglangs_for_every_request_we_make(wheel, client_requests):
+    from megatron_sapo.rollout.auth import API_KEY_ENV, UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS, allowed
+    from megatron_sapo.rollout.sglang_entry import API_KEY_ENV as ENTRY_KEY_ENV
+
+    auth, text = sglang_auth(wheel)
+    paths = sorted({path for _, path, _ in client_requests} | {"/health", "/health_generate", "/ready", "/metrics",
+                                                                "/v1/models", "/get_model_info"})  # fmt: skip
+    headers = [None, "", f"Bearer {CONFORMANCE_KEY}", f"bearer {CONFORMANCE_KEY}", f"BEARER {CONFORMANCE_KEY}",
+               f"Bearer  {CONFORMANCE_KEY}", f"Bearer {CONFORMANCE_KEY} ", "Bearer wrong", f"Basic {CONFORMANCE_KEY}",
+               f"Bearer{CONFORMANCE_KEY}", CONFORMANCE_KEY, "Bearer "]  # fmt: skip
+    checked = 0
+    for method in ("GET", "POST", "PUT", "OPTIONS"):
+        for path in paths:
+            for header in headers:
+                for key in (None, CONFORMANCE_KEY):
+                    for level in (auth.AuthLevel.NORMAL, auth.AuthLevel.ADMIN_OPTIONAL):  # with no admin key
+                        theirs = auth.decide_request_auth(method=method, path=path, authorization_header=header,
+                                                          api_key=key, admin_api_key=None, auth_level=level)
+                        assert allowed(method, path, header, key) == theirs.allowed, (method, path, header, key)
+                        if not theirs.allowed:
+                            assert theirs.error_status_code == UNAUTHORIZED_STATUS
+                        checked += 1
+    assert checked > 1000
+    # The refusal's body, and that a server with --api-key installs the middleware.
+    flat = " ".join(text.split())
+    assert '"Unauthorized" if decision.error_status_code == 401' in flat and 'content={ "error": (' in flat
+    assert UNAUTHORIZED_BODY == {"error": "Unauthorized"}
+    server = " ".join(source(wheel, "sglang/srt/entrypoints/http_server.py").split())
+    assert "add_api_key_middleware( app, api_key=get_serving().api_key," in server
+    # The launcher hands the key over as --api-key, a server argument; the client sends it on every request.
+    assert "--api-key" in cli_flags(wheel) and ENTRY_KEY_ENV == API_KEY_ENV
+    assert '"--api-key"' in open(SGLANG_ENTRY).read() and "sglang/launch_server.py" in wheel.namelist()
+    assert set(client_requests.authorizations) == {f"Bearer {CONFORMANCE_KEY}"}
 
 
 def every_sampling_option() -> SamplingParams:

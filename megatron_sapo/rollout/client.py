@@ -49,6 +49,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from megatron_sapo.rollout.auth import API_KEY_ENV, UNAUTHORIZED_STATUS, authorization_header
+
 logger = logging.getLogger(__name__)
 
 
@@ -159,7 +161,8 @@ class RolloutClient:
     """Talks to one server, several (round-robin), or an sglang-router. Create and use it on one event loop."""
 
     def __init__(self, urls: Sequence[str] = (), *, router_url: str | None = None, concurrency: int = 256,
-                 request_timeout_s: float = 600.0, max_retries: int = 3, retry_backoff_s: float = 1.0):  # fmt: skip
+                 request_timeout_s: float = 600.0, max_retries: int = 3, retry_backoff_s: float = 1.0,
+                 api_key: str | None = None):  # fmt: skip
         if not urls and not router_url:
             raise ValueError("RolloutClient needs server URLs or a router URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -168,6 +171,7 @@ class RolloutClient:
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        self._headers = authorization_header(api_key)  # sent on every call (rollout/auth.py)
         self._turn = itertools.count()
         self._session = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -183,7 +187,8 @@ class RolloutClient:
         import aiohttp
 
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency),
+                                                  headers=self._headers)  # fmt: skip
             self._semaphore = asyncio.Semaphore(self.concurrency)
         return self._session
 
@@ -212,6 +217,10 @@ class RolloutClient:
                     text = body.decode(errors="replace")
                     if response.status >= 500:
                         raise _Retryable(f"HTTP {response.status}: {_message(text)}")
+                    if response.status == UNAUTHORIZED_STATUS:
+                        raise RolloutError(f"{method} {base}{path}: HTTP 401: the server refused this run's API key "
+                                           f"({'a wrong key' if self._headers else 'none sent'}); give external "
+                                           f"servers' key in ${API_KEY_ENV} (or rollout.api_key)")  # fmt: skip
                     if response.status >= 400:
                         raise RolloutError(f"{method} {base}{path}: HTTP {response.status}: {_message(text)}")
                     reply = _json_or_text(text)

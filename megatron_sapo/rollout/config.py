@@ -80,6 +80,10 @@ class RolloutConfig:
     extra_server_args: list[str] = field(default_factory=list)
     # Interpreter that has sglang installed (it pins its own torch, so often another venv); None: this one.
     sglang_python: str | None = None
+    # SGLang's --api-key (rollout/auth.py). Launched servers get a fresh key per run when this is null; external
+    # servers need the key they were started with: here, or better in $MEGATRON_SAPO_ROLLOUT_API_KEY (a key set
+    # here is written as *** to the run's saved config, and never logged).
+    api_key: str | None = None
 
     # --- client ---
     concurrency: int = 256  # requests in flight over all servers

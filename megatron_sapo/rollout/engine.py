@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 
 from megatron_sapo.errors import InputError
+from megatron_sapo.rollout.auth import API_KEY_ENV, run_api_key
 from megatron_sapo.rollout.client import EventLoopThread, RolloutClient, RolloutError, RolloutSample, SamplingParams
 from megatron_sapo.rollout.config import RolloutConfig
 from megatron_sapo.rollout.process import ServerProcess, http_status, server_env, wait_until_serving
@@ -54,9 +55,12 @@ class RolloutEngine:
     """
 
     def __init__(self, config: RolloutConfig, *, model_path: str, eos_token_id: int | None = None,
-                 log_dir: str | None = None, trainer_ranks: int | None = None):  # fmt: skip
+                 log_dir: str | None = None, trainer_ranks: int | None = None,
+                 api_key: str | None = None):  # fmt: skip
         config.validate()
         self.config = config
+        # rollout/auth.py: the servers answer only requests with this key (launched ones get a new one per run).
+        self.api_key = api_key or run_api_key(config.api_key, launched=config.backend != "external")
         if trainer_ranks is None:
             import torch.distributed as dist
 
@@ -78,7 +82,7 @@ class RolloutEngine:
             self.client = RolloutClient(
                 self.urls, router_url=router_url, concurrency=config.concurrency,
                 request_timeout_s=config.request_timeout_s, max_retries=config.max_retries,
-                retry_backoff_s=config.retry_backoff_s,
+                retry_backoff_s=config.retry_backoff_s, api_key=self.api_key,
             )  # fmt: skip
             self.client.exit_reason = self.exit_reason
         except BaseException:
@@ -103,7 +107,7 @@ class RolloutEngine:
                     "--log-level", "warning"]  # fmt: skip
             if config.enable_return_routed_experts:
                 argv.append("--enable-return-routed-experts")
-            env = server_env(OMP_NUM_THREADS="1")
+            env = server_env(OMP_NUM_THREADS="1", **{API_KEY_ENV: self.api_key})
             self.processes.append(ServerProcess(argv, url=url, log_path=os.path.join(self.log_dir, "embedded.log"),
                                                 env=env).start())  # fmt: skip
             wait_until_serving(self.processes, config.startup_timeout_s)
@@ -118,7 +122,8 @@ class RolloutEngine:
             if config.port == 0:
                 ports = [free_port() for _ in range(max(1, config.gpus_per_node // (config.tp_size * config.dp_size)))]
                 launches = plan_servers(config, self.model_path, ports=ports)
-            self.processes += launch_node(config, self.model_path, node_rank=0, log_dir=self.log_dir, ports=ports)
+            self.processes += launch_node(config, self.model_path, node_rank=0, log_dir=self.log_dir, ports=ports,
+                                          api_key=self.api_key)  # fmt: skip
             urls = server_urls(launches)
             if config.num_nodes > 1:
                 logger.info("waiting for SGLang processes on nodes 1..%d (started by megatron_sapo.rollout.sglang"
@@ -159,7 +164,7 @@ class RolloutEngine:
         return None
 
     def _server_info(self, url: str) -> dict:
-        probe = RolloutClient([url], max_retries=1, request_timeout_s=30, retry_backoff_s=0.5)
+        probe = RolloutClient([url], max_retries=1, request_timeout_s=30, retry_backoff_s=0.5, api_key=self.api_key)
         try:
             return self._loop.run(probe.server_info(url))
         finally:

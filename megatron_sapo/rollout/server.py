@@ -8,7 +8,9 @@ It serves the subset of SGLang 0.5.23's endpoints the trainer uses, with SGLang'
 ``/flush_cache``, ``/update_weights_from_disk``, ``/init_weights_update_group``, ``/begin_weight_update``,
 ``/update_weights_from_distributed``, ``/update_weights_from_tensor``, ``/end_weight_update``,
 ``/destroy_weights_update_group``, ``/release_memory_occupation``, ``/resume_memory_occupation``,
-``/pause_generation``, ``/continue_generation``, ``/abort_request``.
+``/pause_generation``, ``/continue_generation``, ``/abort_request``. With an API key (``--api-key``, or
+``$MEGATRON_SAPO_ROLLOUT_API_KEY`` as the launcher passes it) it refuses what SGLang's ``--api-key`` refuses, with
+SGLang's 401 reply (rollout/auth.py).
 
 Pause, continue and abort behave as SGLang 0.5.23's (``tokenizer_manager.py``): while paused, new ``/generate``
 requests wait and no decode step runs, but weight updates do; ``mode=abort`` (the default) ends every request in
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_sapo.lifetime import exit_with_parent
+from megatron_sapo.rollout.auth import API_KEY_ENV, api_key_middleware
 from megatron_sapo.rollout.decode import DecodeRequest, DecodeResult, decode_batch
 from megatron_sapo.rollout.hf_weights import HFWeightWriter, iter_safetensors
 from megatron_sapo.rollout.routed_experts import RoutedExpertsCapture, reply_routed_experts
@@ -442,6 +445,7 @@ def build_app(
     dist_timeout_s: float = 600.0,
     tp_size: int = 1,
     return_routed_experts: bool = False,
+    api_key: str | None = None,
 ):
     from aiohttp import web
 
@@ -786,7 +790,8 @@ def build_app(
         await on_worker(lambda: state.released.difference_update(memory_tags(body, resume=True)))
         return web.json_response(None)
 
-    app = web.Application(middlewares=[errors], client_max_size=1 << 30)
+    # SGLang's API-key rule first, so that a refused request touches nothing (rollout/auth.py).
+    app = web.Application(middlewares=[api_key_middleware(api_key), errors], client_max_size=1 << 30)
     app.router.add_route("POST", "/generate", generate)
     app.router.add_route("PUT", "/generate", generate)
     app.router.add_get("/health", health)
@@ -821,6 +826,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dist-timeout-s", type=float, default=600.0, help="weight-update group timeout")
     parser.add_argument("--tp-size", type=int, default=1, help="TP ranks it stands in for in tensor updates")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--api-key", help=f"SGLang's flag (visible to ps: launchers pass ${API_KEY_ENV} instead)")
     parser.add_argument("--enable-return-routed-experts", action="store_true",
                         help="SGLang's flag: replies carry meta_info.routed_experts when a request asks")  # fmt: skip
     args = parser.parse_args(argv)
@@ -832,7 +838,8 @@ def main(argv=None) -> None:
 
     app = build_app(args.model_path, dtype=args.dtype, max_batch_size=args.max_batch_size,
                     dist_timeout_s=args.dist_timeout_s, tp_size=args.tp_size,
-                    return_routed_experts=args.enable_return_routed_experts)  # fmt: skip
+                    return_routed_experts=args.enable_return_routed_experts,
+                    api_key=os.environ.pop(API_KEY_ENV, None) or args.api_key)  # fmt: skip
     logger.info("embedded rollout server for %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=5)
 

@@ -1,6 +1,7 @@
 """Launching SGLang servers for a layout: the command lines, and the processes of one node.
 
-A server is ``python -m sglang.launch_server`` over ``tp_size × dp_size`` GPUs (``--tp-size``, ``--dp-size``;
+A server is ``python -m sglang.launch_server`` (through :mod:`~megatron_sapo.rollout.sglang_entry`, which adds the
+run's API key) over ``tp_size × dp_size`` GPUs (``--tp-size``, ``--dp-size``;
 ``--ep-size`` splits the experts over the TP ranks, as SGLang puts EP inside TP). The cluster's
 ``num_nodes × gpus_per_node`` GPUs hold as many servers as fit:
 
@@ -25,10 +26,12 @@ import sys
 from dataclasses import dataclass
 
 from megatron_sapo.errors import InputError
+from megatron_sapo.rollout.auth import API_KEY_ENV
 from megatron_sapo.rollout.config import RolloutConfig
-from megatron_sapo.rollout.process import ServerProcess
+from megatron_sapo.rollout.process import ServerProcess, server_env
 
 DIST_INIT_PORT_OFFSET = 1000  # multi-node servers rendezvous on port + this + server index
+SGLANG_ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_entry.py")
 
 
 @dataclass
@@ -72,9 +75,10 @@ def validate_layout(config: RolloutConfig) -> None:
 def sglang_command(config: RolloutConfig, model_path: str, *, port: int, base_gpu_id: int = 0, nnodes: int = 1,
                    node_rank: int = 0, dist_init_addr: str | None = None,
                    python: str = sys.executable) -> list[str]:  # fmt: skip
-    """``python -m sglang.launch_server ...`` for one process of one server."""
+    """``python sglang_entry.py ...`` (``python -m sglang.launch_server ...`` with the run's API key from the
+    environment) for one process of one server."""
     argv = [
-        python, "-m", "sglang.launch_server",
+        python, SGLANG_ENTRY,
         "--model-path", model_path,
         "--host", config.host,
         "--port", str(port),
@@ -131,12 +135,14 @@ def server_urls(launches: list[ServerLaunch]) -> list[str]:
 
 
 def launch_node(config: RolloutConfig, model_path: str, node_rank: int, log_dir: str, *,
-                ports: list[int] | None = None) -> list[ServerProcess]:  # fmt: skip
-    """Start this node's SGLang processes (not waiting for them); returns them for ``stop()``."""
+                ports: list[int] | None = None, api_key: str | None = None) -> list[ServerProcess]:  # fmt: skip
+    """Start this node's SGLang processes (not waiting for them); returns them for ``stop()``. ``api_key``: the
+    run's (:mod:`megatron_sapo.rollout.auth`; the same on every node), given to SGLang through the environment."""
+    env = server_env(**{API_KEY_ENV: api_key} if api_key else {})
     processes = []
     for launch in plan_servers(config, model_path, ports=ports):
         if launch.node != node_rank:
             continue
         log = os.path.join(log_dir, f"sglang-server{launch.server}-node{launch.node}.log")
-        processes.append(ServerProcess(launch.argv, url=launch.url, log_path=log).start())
+        processes.append(ServerProcess(launch.argv, url=launch.url, log_path=log, env=env).start())
     return processes

@@ -33,6 +33,7 @@ group behind: the servers are told to drop theirs, and the next sync forms a new
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import logging
@@ -50,7 +51,7 @@ from datetime import timedelta
 import torch
 
 from megatron_sapo.errors import InputError
-from megatron_sapo.rollout.client import EventLoopThread, RolloutClient, RolloutError
+from megatron_sapo.rollout.client import EventLoopThread, RolloutClient, RolloutError, RolloutServerDown
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +349,11 @@ class DistributedWeightSync:
                 for tensor in tensors:
                     self.group.broadcast(tensor, 0).wait()
             except Exception as error:
-                reason = _failure(announced) or f"{type(error).__name__}: {error}"
-                self.close()
+                # A server that died mid-broadcast shows here as the transport's error (gloo: "Connection reset by
+                # peer"); its announce request, failing meanwhile, names the server, so wait a moment for it.
+                concurrent.futures.wait([announced], timeout=ANNOUNCE_GRACE_S)
+                reason = _failure(announced) or f"{type(error).__name__}: {_first_line(error)}"
+                self.close(notify=not _server_down(announced))  # a dead server takes no goodbye
                 raise RolloutError(f"broadcasting weights to the rollout servers failed: {reason}") from error
             try:
                 _result(announced, self.timeout_s, "loading a weight bucket")
@@ -406,7 +410,8 @@ def _end_sessions(client, loop, urls, timeout_s: float, quiet: bool = False) -> 
     if errors and not quiet:
         raise errors[0] if isinstance(errors[0], RolloutError) else RolloutError(str(errors[0]))
     for error in errors:
-        logger.warning("closing a weight-update session after a failed update: %s", error)
+        if not isinstance(error, RolloutServerDown):  # a dead server is what the raised error says already
+            logger.warning("closing a weight-update session after a failed update: %s", error)
 
 
 # --- tensor handles (colocated) -------------------------------------------------------------------------------------
@@ -623,6 +628,21 @@ def _result(future, timeout_s: float, what: str):
         raise
     except Exception as error:
         raise RolloutError(f"{what} failed: {type(error).__name__}: {error}") from error
+
+
+ANNOUNCE_GRACE_S = 15.0  # long enough for the client to find a dead server (a failed connect and a health probe)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:500] if lines else ""
+
+
+def _server_down(future) -> bool:
+    try:
+        return future.done() and not future.cancelled() and isinstance(future.exception(), RolloutServerDown)
+    except Exception:
+        return False
 
 
 def _failure(future) -> str | None:

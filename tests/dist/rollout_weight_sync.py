@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", choices=("distributed", "tensor"), default="distributed")
     parser.add_argument("--url")
+    parser.add_argument("--api-key", help="the --url server's API key")
     parser.add_argument("--start-from", help="start an embedded server from this checkpoint instead of --url")
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--rank1-first", help="tensor mode: rank 1's checkpoint in the first push")
@@ -87,7 +88,7 @@ def main() -> None:
             engine = RolloutEngine(RolloutConfig(backend="embedded", tp_size=tp, **common), model_path=args.start_from,
                                    eos_token_id=5)  # fmt: skip
         else:
-            engine = RolloutEngine(RolloutConfig(backend="external", urls=[args.url], **common), model_path=args.hf_dir)
+            engine = RolloutEngine(RolloutConfig(backend="external", urls=[args.url], api_key=args.api_key, **common), model_path=args.hf_dir)
         result["mode"] = engine.weight_sync_mode
     for push in range(2):  # the second push reuses the group formed by the first
         if args.mode == "tensor":
