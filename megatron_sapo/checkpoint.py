@@ -422,7 +422,8 @@ def checkpoint_problem(ckpt_dir: str, *, required: tuple[str, ...] = (), verify:
         actual = os.path.getsize(path)
         if actual != size:
             return f"has {name} truncated ({actual} of {size} bytes)"
-    to_check = {"all": sorted(checksums), "mine": _my_share(sorted(checksums)), "none": []}[verify]
+    hashed = sorted(set(checksums) & set(files))  # every listed file, in a manifest this package wrote
+    to_check = {"all": hashed, "mine": _my_share(hashed), "none": []}[verify]
     try:
         actual = file_checksums(ckpt_dir, to_check)
     except OSError as error:

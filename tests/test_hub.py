@@ -42,12 +42,12 @@ def _run(code: str, args: list[str], env: dict[str, str], timeout: float = 120) 
                           timeout=timeout)  # fmt: skip
 
 
-def test_hub_ids_are_told_from_folders(tmp_path):
+def test_hub_ids_are_told_from_folders(tmp_path, monkeypatch):
     assert parse_hub_id("Qwen/Qwen3-30B-A3B-Base") == ("Qwen/Qwen3-30B-A3B-Base", None)
     assert parse_hub_id("Qwen/Qwen3-0.6B@main") == ("Qwen/Qwen3-0.6B", "main")
     assert parse_hub_id("org/model@0123abc") == ("org/model", "0123abc")
     (tmp_path / "org").mkdir()
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "model").mkdir()
     assert parse_hub_id("org/model") is None  # an existing folder wins
     for path in ("/abs/org/model", "./org/x", "~/models/x", "a/b/c", "model", "-org/x", "org/", ""):

@@ -8,6 +8,7 @@ import os
 import pytest
 from test_convert_cli import HF_TO_MCORE, MCORE_TO_HF, run
 
+from megatron_sapo.checkpoint import file_checksums
 from megatron_sapo.parallel.mcore_compat import at_least, mcore_version, unreadable_checkpoint
 
 # metadata.json as each release writes it (read off checkpoints both wrote of the same tiny model)
@@ -56,6 +57,8 @@ def test_a_checkpoint_of_a_newer_release_is_one_line_under_016(tiny_hf_dir, tmp_
     manifest = json.loads((mcore / "manifest.json").read_text())
     manifest["files"].pop("common.pt")
     manifest["files"]["metadata.json"] = os.path.getsize(mcore / "metadata.json")
+    manifest["checksums"].pop("common.pt")
+    manifest["checksums"] |= file_checksums(str(mcore), ["metadata.json"])  # as 0.19's save would have them
     (mcore / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "hf"
     proc = run(MCORE_TO_HF, "--mcore-dir", str(mcore), "--hf-template", tiny_hf_dir, "--out", str(out))
