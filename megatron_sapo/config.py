@@ -553,7 +553,7 @@ def save_resolved_config(config: Config, output_dir: str) -> str:
     path = os.path.join(output_dir, "config.yaml")
     saved = OmegaConf.structured(config)
     if saved.rollout.api_key:
-        saved.rollout.api_key = "***"  # a secret: the rerun takes it from $MEGATRON_SAPO_ROLLOUT_API_KEY or the CLI
+        saved.rollout.api_key = None  # a secret: a rerun takes it from $MEGATRON_SAPO_ROLLOUT_API_KEY or the CLI
     with open(path + ".tmp", "w") as f:
         f.write(OmegaConf.to_yaml(saved))
     os.replace(path + ".tmp", path)

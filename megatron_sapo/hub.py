@@ -45,7 +45,6 @@ def resolve_model_path(path: str, *, field: str = "model.path", config_only: boo
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
-        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -57,20 +56,25 @@ def resolve_model_path(path: str, *, field: str = "model.path", config_only: boo
     patterns = CONFIG_FILES if config_only else MODEL_FILES
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         disable_progress_bars()  # one bar per node
+    def cached() -> str | None:
+        try:
+            return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
+        except LocalEntryNotFoundError:  # not cached (or only in part)
+            return None
+
     try:
+        found = cached()  # without the lock first: a read-only cache that has the snapshot needs nothing written
+        if found:
+            return found
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(
+                f"{field}={path}: not in the HF cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading it; "
+                f"download it once where the Hub is reachable (hf download {repo_id}), or unset HF_HUB_OFFLINE"
+            )
         os.makedirs(os.path.join(cache, ".locks"), exist_ok=True)
         lock = FileLock(os.path.join(cache, ".locks", f"megatron_sapo--{repo_id.replace('/', '--')}.lock"))
-        with lock:
-            try:
-                return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
-            except LocalEntryNotFoundError:  # not cached (or only in part): download, unless offline
-                if constants.HF_HUB_OFFLINE:
-                    raise InputError(
-                        f"{field}={path}: not in the HF cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading it; "
-                        f"download it once where the Hub is reachable (hf download {repo_id}), or unset "
-                        "HF_HUB_OFFLINE"
-                    ) from None
-            return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        with lock:  # the node's first process downloads; the others wait here and find it cached
+            return cached() or snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except InputError:
         raise
     except GatedRepoError:
@@ -95,7 +99,10 @@ def resolve_model_path(path: str, *, field: str = "model.path", config_only: boo
             f"{field}={path}: the Hub {constants.ENDPOINT} cannot be reached ({reason[:200]}) and {repo_id} is not "
             f"in the HF cache ({cache}); check the network (or HF_ENDPOINT), or download it where the Hub is reachable"
         ) from None
-    except (HfHubHTTPError, OSError) as error:
-        text = " ".join(str(error).split())[:300]
+    except ValueError as error:  # huggingface_hub's HFValidationError: an id the Hub does not allow
+        raise InputError(f"{field}={path}: not a folder, and not a valid Hub id ({error}); pass a local folder or "
+                         "org/name[@revision]") from None  # fmt: skip
+    except Exception as error:  # noqa: BLE001 (HTTP, proxy, disk, an id the Hub rejects: all one line)
+        text = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
         raise InputError(f"{field}={path}: downloading {repo_id} from {constants.ENDPOINT} failed ({text}) {where}; "
                          "check the network and the free space of the cache, then run again") from None  # fmt: skip

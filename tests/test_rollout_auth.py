@@ -62,8 +62,9 @@ def test_the_runs_key(monkeypatch):
     assert len(fresh) == 3 and all(len(k) >= 40 for k in fresh)  # 32 random bytes, URL-safe
     assert run_api_key(None, launched=False) is None  # an external server without a key
     assert run_api_key("configured", launched=True) == "configured"
-    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    monkeypatch.setenv(API_KEY_ENV, "from-env")  # for external servers; launched ones never reuse it
     assert run_api_key(None, launched=False) == "from-env" and run_api_key("configured", launched=False) == "configured"
+    assert run_api_key(None, launched=True) not in ("from-env", None)
 
 
 def test_the_saved_config_never_holds_the_key(tmp_path):
@@ -73,5 +74,5 @@ def test_the_saved_config_never_holds_the_key(tmp_path):
     config.rollout.api_key = "a-secret-key-value"
     path = save_resolved_config(config, str(tmp_path))
     text = open(path).read()
-    assert "a-secret-key-value" not in text and "api_key: '***'" in text
+    assert "a-secret-key-value" not in text and "api_key: null" in text
     assert config.rollout.api_key == "a-secret-key-value"  # the run itself still has it

@@ -29,10 +29,12 @@ def new_api_key() -> str:
 
 
 def run_api_key(configured: str | None, *, launched: bool) -> str | None:
-    """The key this run's servers want: ``rollout.api_key``, else :data:`API_KEY_ENV`, else a new one for servers
-    this run launches (None for external servers that have none)."""
-    key = configured or os.environ.get(API_KEY_ENV) or None
-    return key or (new_api_key() if launched else None)
+    """The key this run's servers want: ``rollout.api_key`` when set; else, for servers this run launches, a new one
+    (never one left in the environment by an earlier run), and for external servers :data:`API_KEY_ENV` (None when
+    they have none)."""
+    if configured:
+        return configured
+    return new_api_key() if launched else (os.environ.get(API_KEY_ENV) or None)
 
 
 def authorization_header(api_key: str | None) -> dict[str, str]:

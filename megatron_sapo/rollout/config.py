@@ -82,7 +82,7 @@ class RolloutConfig:
     sglang_python: str | None = None
     # SGLang's --api-key (rollout/auth.py). Launched servers get a fresh key per run when this is null; external
     # servers need the key they were started with: here, or better in $MEGATRON_SAPO_ROLLOUT_API_KEY (a key set
-    # here is written as *** to the run's saved config, and never logged).
+    # here is left out of the run's saved config, saved as null, and never logged).
     api_key: str | None = None
 
     # --- client ---
